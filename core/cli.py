@@ -1,0 +1,95 @@
+"""The `medtune` command line: one console script, one subcommand per stage.
+
+    medtune data prepare --source ori_pqal.json --output storage/datasets/pqal.jsonl
+    medtune data build --dataset-path storage/datasets/pqal.jsonl --prompt-type chat --model DIR --output-dir OUT
+    medtune model import smollm2-135m-instruct --output storage/models/smollm2-135m-instruct
+    medtune demo            # the whole pipeline, as far as it exists, on the embedded default
+
+`main(argv) -> int` parses and dispatches to each stage's `run_from_args`; stages raise
+`MedtuneError` for bad input, which is printed without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from medtune import __version__
+from medtune.errors import MedtuneError
+from medtune.logs import setup_logging
+
+# Stages that later work fills in; until then they say so and exit non-zero.
+PENDING = {
+    "train": "fine-tune on Ray Train + DeepSpeed + LoRA",
+    "submit": "submit a job to a Ray / KubeRay cluster",
+    "serve": "OpenAI-compatible Ray Serve + vLLM service",
+    "guard": "check text against the guardrails policy",
+    "chat": "Gradio app, base and fine-tuned side by side",
+    "eval": "PubMedQA accuracy, base vs fine-tuned",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from medtune import demo
+    from medtune.training import build, models, prepare
+
+    parser = argparse.ArgumentParser(
+        prog="medtune",
+        description="Fine-tune an open LLM on medical QA, serve it behind guardrails, compare it with its base.",
+    )
+    parser.add_argument("--version", action="version", version=f"medtune {__version__}")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING ...")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    data = sub.add_parser("data", help="prepare and build datasets")
+    data_sub = data.add_subparsers(dest="data_command", metavar="{prepare,build}", required=True)
+    p = data_sub.add_parser("prepare", help="convert a PubMedQA-style source to prepared JSONL",
+                            description=prepare.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    prepare.add_arguments(p)
+    p.set_defaults(handler=prepare.run_from_args)
+    b = data_sub.add_parser("build", help="tokenize prepared JSONL into masked train/test splits",
+                            description=build.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    build.add_arguments(b)
+    b.set_defaults(handler=build.run_from_args)
+
+    m = sub.add_parser("model", help="import a base model as a HF directory",
+                       description=models.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    models.add_arguments(m)
+    m.set_defaults(handler=models.run_from_args)
+
+    d = sub.add_parser("demo", help="run the pipeline on the embedded default (sample data, SmolLM2-135M)",
+                       description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_arguments(d)
+    d.set_defaults(handler=demo.run_from_args)
+
+    for name, what in PENDING.items():
+        s = sub.add_parser(name, help=f"{what} (not yet available)", add_help=True)
+        s.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        s.set_defaults(handler=_pending(name, what))
+    return parser
+
+
+def _pending(name: str, what: str):
+    def handler(_args: argparse.Namespace) -> int:
+        print(f"medtune {name}: not yet available ({what})", file=sys.stderr)
+        return 2
+
+    return handler
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        return int(args.handler(args) or 0)
+    except MedtuneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
