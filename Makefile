@@ -10,6 +10,8 @@ STAMP := $(VENV)/.medtune-installed
 STORAGE ?= ./storage
 MODEL_DIR ?= $(STORAGE)/models/smollm2-135m-instruct
 SAMPLE := training/data/pubmedqa_sample.jsonl
+TRAIN_CONFIG ?= training/configs/smollm2_sample.yaml
+TRAIN_ARGS ?=
 # The GPU extra on machines with an NVIDIA driver, the CPU build of vLLM elsewhere.
 EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 
@@ -17,13 +19,14 @@ export HF_HUB_OFFLINE ?= 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-all data model clean-venv help
+.PHONY: install demo test test-all data model train submit clean-venv help
 
 help:
 	@echo "make demo   - run the pipeline on the embedded default (sample data, SmolLM2-135M)"
 	@echo "make test   - run the test suite (unit + integration, CPU)"
 	@echo "make data   - prepare + build the sample dataset into $(STORAGE)/datasets"
 	@echo "make model  - import SmolLM2-135M-Instruct into $(MODEL_DIR)"
+	@echo "make train  - fine-tune it on the sample data (TRAIN_CONFIG=...; RAY_ADDRESS=http://HEAD:8265 submits to a cluster)"
 
 install: $(STAMP)
 
@@ -43,8 +46,12 @@ model: install
 
 data: model
 	$(MEDTUNE) data prepare --source $(SAMPLE) --output $(STORAGE)/datasets/sample.jsonl
-	$(MEDTUNE) data build --dataset-path $(STORAGE)/datasets/sample.jsonl --prompt-type 1 \
+	$(MEDTUNE) data build --dataset-path $(STORAGE)/datasets/sample.jsonl --prompt-type chat \
 		--test-split 0.2 --model $(MODEL_DIR) --ctx-len 512 --output-dir $(STORAGE)/datasets/sample_built
+
+# Local Ray by default; with RAY_ADDRESS=http://HEAD:8265 the same command is submitted to that cluster.
+train: data
+	$(MEDTUNE) train --config $(TRAIN_CONFIG) $(TRAIN_ARGS)
 
 demo: install
 	$(MEDTUNE) demo --storage $(STORAGE)

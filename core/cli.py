@@ -20,8 +20,6 @@ from medtune.logs import setup_logging
 
 # Stages that later work fills in; until then they say so and exit non-zero.
 PENDING = {
-    "train": "fine-tune on Ray Train + DeepSpeed + LoRA",
-    "submit": "submit a job to a Ray / KubeRay cluster",
     "serve": "OpenAI-compatible Ray Serve + vLLM service",
     "guard": "check text against the guardrails policy",
     "chat": "Gradio app, base and fine-tuned side by side",
@@ -31,7 +29,7 @@ PENDING = {
 
 def build_parser() -> argparse.ArgumentParser:
     from medtune import demo
-    from medtune.training import build, models, prepare
+    from medtune.training import build, models, prepare, submit, train
 
     parser = argparse.ArgumentParser(
         prog="medtune",
@@ -57,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_arguments(m)
     m.set_defaults(handler=models.run_from_args)
 
+    t = sub.add_parser("train", help="fine-tune on Ray Train workers with DeepSpeed ZeRO + LoRA",
+                       description=train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_arguments(t)
+    t.set_defaults(handler=train.run_from_args)
+
+    su = sub.add_parser("submit", help="submit `medtune train ...` to a Ray / KubeRay cluster as a job",
+                        description=submit.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    submit.add_arguments(su)
+    su.set_defaults(handler=submit.run_from_args, wants_rest=True)
+
     d = sub.add_parser("demo", help="run the pipeline on the embedded default (sample data, SmolLM2-135M)",
                        description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_arguments(d)
@@ -79,9 +87,17 @@ def _pending(name: str, what: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `submit` passes everything it does not know on to `medtune train` on the cluster.
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "wants_rest", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     setup_logging(args.log_level)
     try:
+        if getattr(args, "wants_rest", False):
+            return int(args.handler(args, rest) or 0)
+        if getattr(args, "command", None) == "train":
+            full = list(argv if argv is not None else sys.argv[1:])
+            args.train_argv = full[full.index("train") + 1:]
         return int(args.handler(args) or 0)
     except MedtuneError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -153,3 +153,20 @@ def test_real_pubmedqa_official_test_split(tmp_path, tiny_model_dir):
                  test_ids_file=SHARED_PUBMEDQA / "test_ground_truth.json")
     assert card["splits"]["test"]["count"] == 500
     assert card["splits"]["train"]["count"] == 500
+
+
+@pytest.mark.parametrize("prompt_type", ["1", "2", "3"])
+def test_saved_chat_template_renders_the_training_prompt(tmp_path, dataset, tiny_model_dir, prompt_type):
+    """Serving applies the checkpoint's chat template; it must give the tokens training saw."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "built"
+    build(dataset, prompt_type, str(tiny_model_dir), out)
+    ds, _ = load_built(out)
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    recs = {r.id: r for r in read_records(dataset)}
+    for ex in ds["train"].select(range(3)):
+        rec = recs[ex["id"]]
+        messages = prompts.chat_messages(rec.question, rec.context, system="ignored system prompt")
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert tok(text, add_special_tokens=False)["input_ids"] == ex["input_ids"][: ex["prompt_len"]]

@@ -73,6 +73,12 @@ def load_tokenizer(model: str, prompt_type: str):
         raise MedtuneError(f"--model {model!r}: its tokenizer defines no EOS token")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # labels mask padding anyway; the attention mask hides it
+    if prompt_type in ("1", "2", "3"):
+        # Saved with the dataset and every checkpoint: serving renders chat messages into the
+        # very prompt the model was trained on.
+        probe = tok("x", add_special_tokens=True)["input_ids"]
+        adds_bos = tok.bos_token_id is not None and bool(probe) and probe[0] == tok.bos_token_id
+        tok.chat_template = prompts.chat_template_for(prompt_type, bos=adds_bos)
     return tok
 
 
@@ -124,6 +130,20 @@ def encode_record(tok, rec: QARecord, prompt_type: str, ctx_len: int) -> Encoded
     input_ids = prompt_ids + answer_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
     return Encoded(input_ids, labels, len(prompt_ids), truncated)
+
+
+def check_chat_template(tok, prompt_type: str, rec: QARecord) -> None:
+    """The saved chat template must render exactly the training prompt's tokens."""
+    rendered = tok.apply_chat_template(
+        prompts.chat_messages(rec.question, rec.context, system=None), tokenize=False, add_generation_prompt=True
+    )
+    expected, _ = _encode_parts(tok, prompt_type, rec.question, rec.context, "x")
+    got = tok(rendered, add_special_tokens=False)["input_ids"]
+    if got != expected:
+        raise MedtuneError(
+            f"internal: the chat template for prompt type {prompt_type} does not reproduce the training prompt "
+            f"({len(got)} vs {len(expected)} tokens); please report this"
+        )
 
 
 def read_test_ids(path: str | Path) -> set[str]:
@@ -251,6 +271,8 @@ def build(
     if not train_recs:
         raise MedtuneError("the train split is empty: lower --test-split or use fewer --test-ids")
 
+    if prompt_type in ("1", "2", "3"):
+        check_chat_template(tok, prompt_type, train_recs[0])
     stats = BuildStats()
     splits = {}
     split_decisions = {}

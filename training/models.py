@@ -149,13 +149,20 @@ def import_model(source: str, output: str | Path, dtype: str = "bf16") -> dict:
     return record
 
 
-def generate_reply(model_dir: str | Path, messages: list[dict], max_new_tokens: int = 48) -> str:
-    """Greedy reply to chat messages with plain transformers (a smoke check of an imported model)."""
+def generate_reply(model_dir: str | Path, messages: list[dict], max_new_tokens: int = 48, adapter: str | Path | None = None) -> str:
+    """Greedy reply to chat messages with plain transformers (a smoke check of a model, or of a
+    LoRA checkpoint on top of it: then the checkpoint's tokenizer and chat template are used)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(adapter or model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        if len(tok) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tok))
+        model = PeftModel.from_pretrained(model, str(adapter))
     model.eval()
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     enc = tok(text, return_tensors="pt", add_special_tokens=False)

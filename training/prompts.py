@@ -78,3 +78,43 @@ def chat_messages(question: str, context: str, answer: str | None = None, system
     if answer is not None:
         messages.append({"role": "assistant", "content": answer})
     return messages
+
+
+CONTEXT_SEPARATOR = "\n\nContext:\n"
+
+
+def chat_template_for(prompt_type: str, bos: bool) -> str:
+    """A Jinja chat template that renders OpenAI messages into the training prompt of a text
+    prompt type, so a server applying the checkpoint's template builds the prompt the model was
+    trained on. The last user message is the question; text after "\\n\\nContext:\\n" in it is
+    the context (the shape `user_message` produces). `bos`: whether training prompts began with BOS.
+    """
+    if prompt_type not in ("1", "2", "3"):
+        raise ValueError(f"prompt type {prompt_type!r} uses the model's own chat template")
+    head = (
+        "{%- set ns = namespace(q='', a='') -%}"
+        "{%- for m in messages -%}"
+        "{%- if m['role'] == 'user' -%}{%- set ns.q = m['content'] -%}{%- set ns.a = '' -%}"
+        "{%- elif m['role'] == 'assistant' -%}{%- set ns.a = m['content'] -%}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set sep = '\\n\\nContext:\\n' -%}"
+        "{%- if sep in ns.q -%}{%- set parts = ns.q.split(sep, 1) -%}"
+        "{%- set question = parts[0] | trim -%}{%- set context = parts[1] | trim -%}"
+        "{%- else -%}{%- set question = ns.q | trim -%}{%- set context = '' -%}{%- endif -%}"
+    )
+    bos_part = "{{ bos_token }}" if bos else ""
+    if prompt_type == "1":
+        header = INSTRUCTION_HEADER.replace("'", "\\'")
+        body = (
+            f"{bos_part}{{{{ '{header}' }}}}\n\n### Instruction:\n{{{{ question }}}}\n\n"
+            "{% if context %}### Input:\n{{ context }}\n\n{% endif %}### Response:\n"
+        )
+        tail = "{% if ns.a and not add_generation_prompt %}{{ ns.a }}{{ eos_token }}{% endif %}"
+    elif prompt_type == "2":
+        # A newline right after a block tag is eaten by trim_blocks, so emit it as an expression.
+        body = f"{bos_part}<START_Q>{{{{ question }}}}{{% if context %}}{{{{ '\\n' + context }}}}{{% endif %}}<END_Q><START_A>"
+        tail = "{% if ns.a and not add_generation_prompt %}{{ ns.a }}<END_A>{{ eos_token }}{% endif %}"
+    else:
+        body = f"{bos_part}<START_Q>{{{{ question }}}}<END_Q><START_A>"
+        tail = "{% if ns.a and not add_generation_prompt %}{{ ns.a }}<END_A>{{ eos_token }}{% endif %}"
+    return head + body + tail

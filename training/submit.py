@@ -1,0 +1,111 @@
+"""`medtune submit train ...` (`make train` with RAY_ADDRESS=http://...): run training on a cluster.
+
+    medtune submit train --address http://HEAD:8265 --config training/configs/llama2_7b.yaml -nd 16 --follow
+    RAY_ADDRESS=http://HEAD:8265 make train
+
+Submits `medtune train <the same flags>` as a Ray job through Ray's `JobSubmissionClient` (the
+KubeRay head's dashboard port; NodePort 30265 in deploy/). The flags are checked here first so a
+typo fails before anything is submitted. Secrets never go into the entrypoint (it shows in
+`ray job list` and the dashboard): HF_TOKEN (or the file named by HF_TOKEN_FILE) travels in the
+job's runtime_env as an environment variable. Prints the submission id and the command to follow
+its logs; `--follow` streams them here and exits with the job's status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import sys
+import time
+
+from medtune.errors import MedtuneError
+
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+SECRET_ENV = ("HF_TOKEN",)
+
+
+def job_env() -> dict[str, str]:
+    """Environment variables the job needs from here: the hub token (never via argv)."""
+    from medtune.training.models import hf_token
+
+    env: dict[str, str] = {}
+    token = hf_token()
+    if token:
+        env["HF_TOKEN"] = token
+    return env
+
+
+def build_submission(train_argv: list[str], working_dir: str | None = None) -> tuple[str, dict]:
+    """The entrypoint string and runtime_env for a training job; validates the flags first."""
+    from medtune.training.config import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser(prog="medtune train", add_help=False)
+    add_arguments(parser)
+    try:
+        args = parser.parse_args(train_argv)
+    except SystemExit:
+        raise MedtuneError(f"invalid train flags: {shlex.join(train_argv)} (see `medtune train --help`)") from None
+    if args.config and not os.path.isfile(args.config) and working_dir is None:
+        # The config is read on the cluster; only check it here when it exists locally.
+        pass
+    elif args.config:
+        config_from_args(args)
+    env = job_env()
+    entrypoint = shlex.join(["medtune", "train", *train_argv])
+    for name, value in env.items():
+        if name in SECRET_ENV and value and value in entrypoint:
+            raise MedtuneError(f"the {name} value appears in the train flags; pass it only through the environment")
+    runtime_env: dict = {"env_vars": env}
+    if working_dir:
+        runtime_env["working_dir"] = working_dir
+    return entrypoint, runtime_env
+
+
+def submit_train(train_argv: list[str], address: str, follow: bool = False, working_dir: str | None = None) -> int:
+    from ray.job_submission import JobSubmissionClient
+
+    entrypoint, runtime_env = build_submission(train_argv, working_dir)
+    try:
+        client = JobSubmissionClient(address)
+    except Exception as err:
+        raise MedtuneError(f"cannot reach the Ray cluster at {address}: {err} (is the dashboard port open?)") from None
+    submission_id = f"medtune-train-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    job_id = client.submit_job(
+        entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id, metadata={"medtune": "train"}
+    )
+    print(f"submitted {job_id} to {address}\n  entrypoint: {entrypoint}")
+    print(f"  follow its logs with: ray job logs --address {address} {job_id} --follow")
+    if not follow:
+        return 0
+    return follow_job(client, job_id)
+
+
+def follow_job(client, job_id: str) -> int:
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    asyncio.run(tail())
+    status = str(client.get_job_status(job_id)).split(".")[-1]
+    while status not in TERMINAL:
+        time.sleep(1)
+        status = str(client.get_job_status(job_id)).split(".")[-1]
+    print(f"job {job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", choices=["train"], help="what to submit")
+    parser.add_argument("--address", default=None, help="Ray dashboard address, e.g. http://HEAD:8265 (default $RAY_ADDRESS)")
+    parser.add_argument("--follow", action="store_true", help="stream the job's logs and exit with its status")
+    parser.add_argument("--working-dir", default=None, help="ship this directory as the job's working_dir (code not in the image)")
+
+
+def run_from_args(args: argparse.Namespace, rest: list[str]) -> int:
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise MedtuneError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
+    return submit_train(rest, address, follow=args.follow, working_dir=args.working_dir)
