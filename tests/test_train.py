@@ -64,6 +64,7 @@ def test_zero2_lora_trains_publishes_resumes_and_prunes(ray_local, tmp_path, tin
     storage = tmp_path / "storage"
     cfg = _cfg(tiny_model_dir, built, storage, run_name="z2", max_steps=6, save_every_steps=2, num_checkpoints_to_keep=2)
     summary = run(cfg)
+    assert (summary["engine"], summary["zero_stage"], summary["backend"]) == ("DeepSpeedEngine", 2, "gloo")
     text = format_summary(summary)
     assert "real tokens/s" in text and "network" in text and summary["network"][0]["node"]
     rdir = storage / "runs" / "z2"
@@ -120,9 +121,14 @@ def test_killed_worker_recovers_from_last_checkpoint(ray_local, tmp_path, tiny_m
 
 def test_zero3_lora_saves_gathered_adapter(ray_local, tmp_path, tiny_model_dir, built):
     storage = tmp_path / "storage"
-    cfg = _cfg(tiny_model_dir, built, storage, run_name="z3", max_steps=3, ds_config=str(DS / "zero_3.json"))
+    # Two epochs asked for, but an (unreachable-to-miss) perplexity target stops it after the first.
+    cfg = _cfg(tiny_model_dir, built, storage, run_name="z3", num_epochs=2, batch_size_per_device=8,
+               stop_perplexity=1e9, ds_config=str(DS / "zero_3.json"))
     summary = run(cfg)
-    assert summary["zero_stage"] == 3
+    assert (summary["engine"], summary["zero_stage"]) == ("DeepSpeedEngine", 3)
+    assert summary["stopped_early"] and summary["epochs"] == 1 and summary["steps"] == 4
+    evals = _records(storage / "runs" / "z3", "eval")
+    assert len(evals) == 1 and evals[0]["eval_perplexity"] > 1
     latest = ckpt.latest_checkpoint(storage)
     ckpt.verify_checkpoint(latest)
     adapter = _tensors(latest / "adapter_model.safetensors")

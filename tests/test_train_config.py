@@ -130,3 +130,26 @@ def test_shipped_config_paths_work_from_any_directory(tmp_path, monkeypatch):
     assert read_ds_config("training/configs/deepspeed/zero_2.json")["zero_optimization"]["stage"] == 2
     assert load_yaml("training/configs/smollm2_sample.yaml")["num_devices"] == 2
     assert shipped_path("elsewhere/nothing.json") == Path("elsewhere/nothing.json")  # unknown paths pass through
+
+
+def test_answer_loss_equals_the_standard_masked_loss_and_its_gradients(tiny_model_dir):
+    """The answer-only head path must give the same loss and gradients as the full forward."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from medtune.training.build import collate_batch
+    from medtune.training.loop import answer_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    feats = [{"input_ids": [1, 5, 6, 7, 8, 9], "labels": [-100, -100, -100, 7, 8, 9]},
+             {"input_ids": [1, 10, 11, 12], "labels": [-100, -100, 11, 12]}]
+    batch = collate_batch(feats, pad_id=0)
+    reference = model(**batch).loss
+    reference.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    ours = answer_loss(model, batch)
+    ours.backward()
+    assert torch.allclose(ours, reference, atol=1e-6)
+    for name, grad in ref_grads.items():
+        assert torch.allclose(model.get_parameter(name).grad, grad, atol=1e-6), name

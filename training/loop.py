@@ -140,6 +140,31 @@ class Position:
     tokens: int = 0  # real (non-pad) tokens trained on so far, all ranks
 
 
+def answer_loss(causal_lm, batch: dict, reduction: str = "mean"):
+    """Mean cross-entropy over the answer tokens, with vocabulary logits computed only there.
+
+    The standard forward projects every position onto the whole vocabulary (49k entries for
+    SmolLM2, 32k for Llama 2) and then discards the prompt positions through label masking; on
+    PubMedQA most tokens are prompt. Running the decoder body, selecting the positions whose next
+    token is an answer token, and applying the output head to those alone gives the same loss and
+    gradients with far less work and memory. Models with logit soft-capping use the plain path.
+    """
+    import torch.nn.functional as F
+
+    from medtune.training.build import IGNORE_INDEX
+
+    if getattr(causal_lm.config, "final_logit_softcapping", None):
+        logits = causal_lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction=reduction)
+    hidden = causal_lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), labels[keep], reduction=reduction)
+
+
 def lr_lambda(total_steps: int, warmup_ratio: float):
     warmup = max(1, int(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
 
@@ -161,7 +186,7 @@ def train_loop_per_worker(config: dict) -> None:  # noqa: C901 - one readable re
 
     from medtune.training.build import IGNORE_INDEX, load_built
     from medtune.training.models import hf_token
-    from medtune.training.monitor import NetMonitor, measure_peak_tflops, model_flops_per_token
+    from medtune.training.monitor import NetMonitor, body_params, measure_peak_tflops, model_flops_per_token
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     cfg = TrainConfig.model_validate(config["train"])
@@ -251,6 +276,11 @@ def train_loop_per_worker(config: dict) -> None:  # noqa: C901 - one readable re
         dist_init_required=False,
     )
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if (not use_gpu and cfg.mx == "bf16") else None
+    # The causal LM inside the engine (under PEFT when LoRA): its decoder and head are called
+    # directly by `answer_loss`; ZeRO-3's parameter hooks live on the modules, so they still fire.
+    causal_lm = engine.module.get_base_model() if cfg.lora else engine.module
+    n_body = body_params(causal_lm)
+    vocab = causal_lm.get_output_embeddings().out_features if stage != 3 else len(tok)
 
     # ---- resume
     pos = Position()
@@ -311,15 +341,9 @@ def train_loop_per_worker(config: dict) -> None:  # noqa: C901 - one readable re
             batch = make_batch(eval_ds, [[i] for i in (idx or [0])], cfg.ctx_len, tok.pad_token_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.no_grad(), (autocast or _null()):
-                logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            shift_logits = logits[:, :-1].float()
-            shift_labels = batch["labels"][:, 1:]
-            tok_loss = torch.nn.functional.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                ignore_index=IGNORE_INDEX, reduction="sum",
-            )
+                tok_loss = answer_loss(causal_lm, batch, reduction="sum")
             loss_sum += weight * tok_loss.double()
-            count += weight * (shift_labels != IGNORE_INDEX).sum().double()
+            count += weight * (batch["labels"][:, 1:] != IGNORE_INDEX).sum().double()
         dist.all_reduce(loss_sum)
         dist.all_reduce(count)
         engine.train()
@@ -369,6 +393,7 @@ def train_loop_per_worker(config: dict) -> None:  # noqa: C901 - one readable re
     engine.train()
     t_log = time.perf_counter()
     tokens_since = 0
+    answer_since = 0
     loss_since = 0.0
     micro_since = 0
     seq_sum = 0.0
@@ -384,12 +409,13 @@ def train_loop_per_worker(config: dict) -> None:  # noqa: C901 - one readable re
             batch = make_batch(train_ds, plan[start:start + cfg.batch_size_per_device], cfg.ctx_len, tok.pad_token_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast or _null():
-                loss = engine(**batch).loss
+                loss = answer_loss(causal_lm, batch)
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
             pos.micro += 1
             tokens_since += int(batch["attention_mask"].sum())
+            answer_since += int((batch["labels"] != IGNORE_INDEX).sum())
             seq_sum += batch["input_ids"].shape[1]
             loss_since += float(loss.detach())
             micro_since += 1
@@ -403,13 +429,14 @@ def train_loop_per_worker(config: dict) -> None:  # noqa: C901 - one readable re
                     log.warning("fault injection: worker %d exits at step %d", rank, pos.step)
                     os._exit(1)
             if pos.step % cfg.log_every_steps == 0 or pos.step == total_steps:
-                stats = torch.tensor([tokens_since, loss_since, micro_since, seq_sum], dtype=torch.float64, device=device)
+                stats = torch.tensor([tokens_since, loss_since, micro_since, seq_sum, answer_since], dtype=torch.float64, device=device)
                 dist.all_reduce(stats)
                 dt = time.perf_counter() - t_log
-                tokens, loss_total, micros, seqs = stats.tolist()
+                tokens, loss_total, micros, seqs, answers = stats.tolist()
                 pos.tokens += int(tokens)
                 tps = tokens / dt
-                fpt = model_flops_per_token(n_total, engine.module.config.num_hidden_layers, hidden, seqs / micros, not cfg.lora)
+                fpt = model_flops_per_token(n_body, causal_lm.config.num_hidden_layers, hidden, vocab, seqs / micros,
+                                            answers / max(tokens, 1), not cfg.lora)
                 record = {
                     "type": "train", "step": pos.step, "epoch": round(pos.epoch + pos.micro / micro_per_epoch, 3),
                     "loss": loss_total / micros, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tps,
@@ -424,6 +451,7 @@ def train_loop_per_worker(config: dict) -> None:  # noqa: C901 - one readable re
                 ray.train.report({k: v for k, v in record.items() if k != "type"})
                 t_log = time.perf_counter()
                 tokens_since = 0
+                answer_since = 0
                 loss_since = 0.0
                 micro_since = 0
                 seq_sum = 0.0
@@ -458,7 +486,10 @@ def train_loop_per_worker(config: dict) -> None:  # noqa: C901 - one readable re
             "final_loss": train_records[-1]["loss"] if train_records else None,
             "tokens_per_s": (sum(r["tokens_per_s"] for r in train_records) / len(train_records)) if train_records else None,
             "mfu": (sum(r["mfu"] for r in train_records) / len(train_records)) if train_records else None,
-            "peak_tflops_per_worker": peak, "workers": world, "zero_stage": stage, "lora": cfg.lora,
+            "peak_tflops_per_worker": peak, "workers": world, "lora": cfg.lora,
+            # What really ran, read off the engine (not the config): proof DeepSpeed was not bypassed.
+            "engine": type(engine).__name__, "zero_stage": int(engine.zero_optimization_stage()),
+            "backend": dist.get_backend(),
             "trainable_params": n_trainable, "total_params": n_total, **last_eval,
             "checkpoint": str(ckpt.latest_checkpoint(storage, run_id)), "network": list(by_node.values()),
             "seconds_this_attempt": round(time.perf_counter() - run_start, 1),

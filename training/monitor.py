@@ -12,33 +12,51 @@ import threading
 import time
 
 
-def model_flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: float, full: bool) -> float:
-    """Training FLOPs per token: 2N forward, 2N backward through activations, 2N for weight
-    gradients (full fine-tuning only; LoRA's frozen weights get none), plus attention scores."""
+def model_flops_per_token(
+    n_body: int, n_layers: int, hidden: int, vocab: int, seq_len: float, answer_fraction: float, full: bool
+) -> float:
+    """The model FLOPs one training token needs (the "model FLOPs" of MFU, the same for any
+    implementation): the decoder body's matmuls for every token (2 per weight forward, 2 for the
+    activation gradient, 2 more for weight gradients when all weights train; LoRA's frozen weights
+    get none) plus attention scores, and the output head only where a loss is taken (answer tokens).
+    `n_body`: parameters of the decoder's linear layers (embeddings excluded)."""
     passes = 3 if full else 2
-    return passes * (2 * n_params + 4 * n_layers * hidden * seq_len)
+    body = passes * (2 * n_body + 4 * n_layers * hidden * seq_len)
+    head = passes * 2 * hidden * vocab * answer_fraction
+    return body + head
+
+
+def body_params(model) -> int:
+    """Parameters of a causal LM's decoder excluding the token embeddings (and any LoRA extras)."""
+    decoder = model.get_decoder()
+    emb = decoder.get_input_embeddings() if hasattr(decoder, "get_input_embeddings") else None
+    emb_ids = {id(p) for p in emb.parameters()} if emb is not None else set()
+    return sum(getattr(p, "ds_numel", p.numel()) for n, p in decoder.named_parameters() if id(p) not in emb_ids and "lora_" not in n)
 
 
 def measure_peak_tflops(device: str = "cpu", seconds: float = 0.5) -> float:
-    """Achievable bf16 matmul throughput of this process (its threads or its GPU), in TFLOP/s."""
+    """Achievable bf16 matmul throughput of this process (its threads, or its GPU) in TFLOP/s:
+    the best of a few square sizes, each timed for `seconds` after a warm-up."""
     import torch
 
-    n = 2048 if device == "cpu" else 8192
-    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    for _ in range(2):
-        torch.mm(a, b)
-    if device != "cpu":
-        torch.cuda.synchronize()
-    iters = 0
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds or iters < 3:
-        torch.mm(a, b)
-        iters += 1
+    sizes = (1024, 2048, 3072) if device == "cpu" else (4096, 8192)
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+        b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+        for _ in range(2):
+            torch.mm(a, b)
         if device != "cpu":
             torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    return 2 * n**3 * iters / elapsed / 1e12
+        iters = 0
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds or iters < 3:
+            torch.mm(a, b)
+            iters += 1
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 * iters / (time.perf_counter() - start) / 1e12)
+    return best
 
 
 def _nic_bytes() -> tuple[int, int]:
