@@ -36,6 +36,15 @@ def built(tmp_path_factory, tiny_model_dir) -> Path:
     return root / "built"
 
 
+@pytest.fixture(scope="module")
+def built_markers(tmp_path_factory, tiny_model_dir) -> Path:
+    """The seed's <START_Q> format: four tokens added to the vocabulary."""
+    root = tmp_path_factory.mktemp("train-data-markers")
+    src = write_jsonl(root / "ds.jsonl", [qa(i, ["yes", "no", "maybe"][i % 3]) for i in range(96)])
+    build(src, "2", str(tiny_model_dir), root / "built", ctx_len=128, test_split=0.2)
+    return root / "built"
+
+
 def _cfg(tiny_model_dir, built, storage, **kw) -> TrainConfig:
     base = dict(
         model_name=str(tiny_model_dir), dataset_dir=str(built), output_dir=str(storage), num_devices=2,
@@ -105,9 +114,10 @@ def test_zero2_lora_trains_publishes_resumes_and_prunes(ray_local, tmp_path, tin
     assert ckpt.verify_checkpoint(ckpt.latest_checkpoint(storage))["step"] == 8
 
 
-def test_killed_worker_recovers_from_last_checkpoint(ray_local, tmp_path, tiny_model_dir, built):
+def test_killed_worker_recovers_from_last_checkpoint(ray_local, tmp_path, tiny_model_dir, built_markers):
+    """Also the marker prompt format: resized embeddings train and are saved with the adapter."""
     storage = tmp_path / "storage"
-    cfg = _cfg(tiny_model_dir, built, storage, run_name="fault", max_steps=5, save_every_steps=2,
+    cfg = _cfg(tiny_model_dir, built_markers, storage, run_name="fault", max_steps=5, save_every_steps=2,
                fault_at_step=3, max_failures=1)
     summary = run(cfg)
     rdir = storage / "runs" / "fault"
@@ -116,7 +126,11 @@ def test_killed_worker_recovers_from_last_checkpoint(ray_local, tmp_path, tiny_m
     steps = [r["step"] for r in _records(rdir, "train")]
     # Steps after the step-2 checkpoint ran again after the restart; none before it did.
     assert steps.count(1) == 1 and steps.count(2) == 1 and steps[-1] == 5 and 3 in steps
-    assert ckpt.verify_checkpoint(ckpt.latest_checkpoint(storage))["step"] == 5
+    latest = ckpt.latest_checkpoint(storage)
+    assert ckpt.verify_checkpoint(latest)["step"] == 5
+    adapter = _tensors(latest / "adapter_model.safetensors")
+    assert any("embed_tokens" in k for k in adapter), "the grown embedding table is saved"
+    assert "<START_Q>" in (latest / "chat_template.jinja").read_text()
 
 
 def test_zero3_lora_saves_gathered_adapter(ray_local, tmp_path, tiny_model_dir, built):

@@ -280,7 +280,7 @@ def train_loop_per_worker(config: dict) -> None:  # noqa: C901 - one readable re
     # directly by `answer_loss`; ZeRO-3's parameter hooks live on the modules, so they still fire.
     causal_lm = engine.module.get_base_model() if cfg.lora else engine.module
     n_body = body_params(causal_lm)
-    vocab = causal_lm.get_output_embeddings().out_features if stage != 3 else len(tok)
+    vocab = causal_lm.config.vocab_size  # after any resize for added tokens
 
     # ---- resume
     pos = Position()
@@ -517,8 +517,9 @@ def check_saved_weights(ckpt_dir: Path, lora: bool, expected_numel: int) -> None
                 if numel == 0:
                     raise MedtuneError(f"{f}: tensor {name} is empty (shape {shape}); not publishing this checkpoint")
                 total += numel
-    # Tied embeddings are saved once, so a full model may hold fewer elements than parameters.
-    if total == 0 or (lora and total != expected_numel) or (not lora and total > expected_numel):
+    # Every trained element must be there; more is fine (PEFT also saves resized embeddings
+    # when tokens were added to the vocabulary).
+    if total < expected_numel:
         raise MedtuneError(f"{ckpt_dir}: saved {total} weight elements, expected {expected_numel}; not publishing")
     if lora:
         from peft import PeftConfig
