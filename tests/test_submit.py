@@ -34,6 +34,10 @@ def test_token_pasted_into_flags_is_refused(monkeypatch):
 def test_bad_flags_fail_before_submission():
     with pytest.raises(MedtuneError, match="invalid train flags"):
         build_submission(["--num-devices", "many"])
+    with pytest.raises(MedtuneError, match="'dataset_dir' is required"):
+        build_submission(["--model-name", "m"])
+    # The shipped YAML with overrides passes (its paths are the cluster's and are not looked up).
+    build_submission(["--config", "training/configs/llama2_7b.yaml", "-nd", "8"])
 
 
 def _free_port() -> int:

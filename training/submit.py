@@ -39,7 +39,7 @@ def job_env() -> dict[str, str]:
 
 def build_submission(train_argv: list[str], working_dir: str | None = None) -> tuple[str, dict]:
     """The entrypoint string and runtime_env for a training job; validates the flags first."""
-    from medtune.training.config import add_arguments, config_from_args
+    from medtune.training.config import add_arguments, config_from_args, shipped_path
 
     parser = argparse.ArgumentParser(prog="medtune train", add_help=False)
     add_arguments(parser)
@@ -47,16 +47,15 @@ def build_submission(train_argv: list[str], working_dir: str | None = None) -> t
         args = parser.parse_args(train_argv)
     except SystemExit:
         raise MedtuneError(f"invalid train flags: {shlex.join(train_argv)} (see `medtune train --help`)") from None
-    if args.config and not os.path.isfile(args.config) and working_dir is None:
-        # The config is read on the cluster; only check it here when it exists locally.
-        pass
-    elif args.config:
-        config_from_args(args)
     env = job_env()
     entrypoint = shlex.join(["medtune", "train", *train_argv])
     for name, value in env.items():
         if name in SECRET_ENV and value and value in entrypoint:
             raise MedtuneError(f"the {name} value appears in the train flags; pass it only through the environment")
+    # Check the settings (the YAML when this machine has a copy, merged with the flags); the
+    # paths in them are the cluster's, so files are not looked up here.
+    if args.config is None or shipped_path(args.config).is_file():
+        config_from_args(args)
     runtime_env: dict = {"env_vars": env}
     if working_dir:
         runtime_env["working_dir"] = working_dir
