@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -49,12 +50,39 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
         raise
 
 
+def fsync_tree(root: Path) -> None:
+    """Flush every file and directory under `root` and give its files the read permissions an
+    ordinary file would have (some writers, safetensors among them, create private files, and
+    readers on shared storage run as other users)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for here, _dirs, names in os.walk(root):
+        for name in names:
+            file = os.path.join(here, name)
+            os.chmod(file, os.stat(file).st_mode | (0o444 & ~umask))
+            with open(file, "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(Path(here))
+
+
+def replace_directory(src: Path, target: Path) -> None:
+    """Rename `src` to `target`. Directories cannot be renamed over each other, so an existing
+    target is moved aside first and deleted only once the new one is in place."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
+        os.replace(target, old)
+    os.replace(src, target)
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `path`; on clean exit it replaces `path` whole.
 
-    An existing `path` is moved aside first and deleted only after the new one is in place, so
-    an interrupted run leaves either the old directory or the new one.
+    An interrupted run leaves either the old directory or the new one, never a mix.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,21 +94,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
-        for root, _dirs, files in os.walk(tmp):
-            for name in files:
-                file = os.path.join(root, name)
-                # Some writers (safetensors) create private files; readers on the cluster need them.
-                os.chmod(file, os.stat(file).st_mode | (0o444 & ~umask))
-                with open(file, "rb") as fh:
-                    os.fsync(fh.fileno())
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        fsync_tree(tmp)
+        replace_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -298,3 +298,17 @@ def test_import_pulls_in_no_heavy_libraries():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_published_files_are_readable_by_other_users(tmp_path):
+    """Serving replicas read checkpoints as another user; safetensors writes 0600 files."""
+    storage = tmp_path / "storage"
+    rdir = ck.run_dir(storage, "perm")
+    staging = ck.staging_dir(rdir, 1, "n1")
+    staging.mkdir(parents=True)
+    private = staging / "adapter_model.safetensors"
+    private.write_bytes(b"weights")
+    private.chmod(0o600)
+    ck.write_manifest(staging, {"run_id": "perm", "step": 1})
+    final = ck.publish(staging, storage, "perm", 1)
+    assert (final / "adapter_model.safetensors").stat().st_mode & 0o044 == 0o044

@@ -19,12 +19,11 @@ import json
 import os
 import re
 import shutil
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
 from medtune.errors import MedtuneError
-from medtune.fileio import atomic_write, fsync_dir, sha256_file
+from medtune.fileio import atomic_write, fsync_tree, replace_directory, sha256_file
 
 MANIFEST = "MANIFEST.json"
 LATEST = "LATEST"
@@ -163,29 +162,6 @@ def verify_checkpoint(ckpt_dir: Path, check_hashes: bool = True) -> dict:
     return manifest
 
 
-def _fsync_tree(root: Path) -> None:
-    """Flush every file and directory under root, so the rename cannot expose unwritten data."""
-    for here, _dirs, names in os.walk(root):
-        for name in names:
-            with open(os.path.join(here, name), "rb") as fh:
-                os.fsync(fh.fileno())
-        fsync_dir(Path(here))
-
-
-def _move_into_place(staging: Path, target: Path) -> None:
-    """Rename staging to target; an existing target (a re-run after a crash) is removed only after."""
-    old = None
-    if target.exists():
-        # Directories cannot be renamed over each other, so move the old one aside. If LATEST
-        # names this very step, it is briefly dangling here; re-publishing LATEST's step is rare.
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
-        os.replace(target, old)
-    os.replace(staging, target)
-    fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_pointer(path: Path, text: str) -> None:
     with atomic_write(path) as fh:
         fh.write(text + "\n")
@@ -204,9 +180,11 @@ def publish(staging: Path, storage: Path, run_id: str, step: int) -> Path:
             raise CheckpointError(
                 f"cannot publish {staging} as {run_id}/{name}: its manifest says {key}={manifest[key]!r}"
             )
-    _fsync_tree(staging)
+    fsync_tree(staging)
     target = rdir / name
-    _move_into_place(staging, target)
+    # If LATEST names this very step (a re-publish), it dangles for the moment of the swap;
+    # a normal retry publishes a newer step, so this is rare.
+    replace_directory(staging, target)
     # Only now do readers move on: run pointer first, then the storage-wide one.
     _write_pointer(rdir / LATEST, name)
     _write_pointer(storage / LATEST, f"runs/{run_id}/{name}")
