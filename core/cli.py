@@ -41,34 +41,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="prepare and build datasets")
     data_sub = data.add_subparsers(dest="data_command", metavar="{prepare,build}", required=True)
-    p = data_sub.add_parser("prepare", help="convert a PubMedQA-style source to prepared JSONL",
-                            description=prepare.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    prepare.add_arguments(p)
-    p.set_defaults(handler=prepare.run_from_args)
-    b = data_sub.add_parser("build", help="tokenize prepared JSONL into masked train/test splits",
-                            description=build.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    build.add_arguments(b)
-    b.set_defaults(handler=build.run_from_args)
-
-    m = sub.add_parser("model", help="import a base model as a HF directory",
-                       description=models.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    models.add_arguments(m)
-    m.set_defaults(handler=models.run_from_args)
-
-    t = sub.add_parser("train", help="fine-tune on Ray Train workers with DeepSpeed ZeRO + LoRA",
-                       description=train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_arguments(t)
-    t.set_defaults(handler=train.run_from_args)
-
-    su = sub.add_parser("submit", help="submit `medtune train ...` to a Ray / KubeRay cluster as a job",
-                        description=submit.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    submit.add_arguments(su)
-    su.set_defaults(handler=submit.run_from_args, wants_rest=True)
-
-    d = sub.add_parser("demo", help="run the pipeline on the embedded default (sample data, SmolLM2-135M)",
-                       description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    demo.add_arguments(d)
-    d.set_defaults(handler=demo.run_from_args)
+    # Each stage module documents itself (its docstring is the --help text) and provides
+    # add_arguments(parser) and run_from_args(args).
+    stages = [
+        (data_sub, "prepare", prepare, "convert a PubMedQA-style source to prepared JSONL", {}),
+        (data_sub, "build", build, "tokenize prepared JSONL into masked train/test splits", {}),
+        (sub, "model", models, "import a base model as a HF directory", {}),
+        (sub, "train", train, "fine-tune on Ray Train workers with DeepSpeed ZeRO + LoRA", {}),
+        (sub, "submit", submit, "submit `medtune train ...` to a Ray / KubeRay cluster as a job", {"wants_rest": True}),
+        (sub, "demo", demo, "run the pipeline on the embedded default (sample data, SmolLM2-135M)", {}),
+    ]
+    for group, name, module, help_text, extra in stages:
+        stage = group.add_parser(name, help=help_text, description=module.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(stage)
+        stage.set_defaults(handler=module.run_from_args, **extra)
 
     for name, what in PENDING.items():
         s = sub.add_parser(name, help=f"{what} (not yet available)", add_help=True)

@@ -165,6 +165,24 @@ def answer_loss(causal_lm, batch: dict, reduction: str = "mean"):
     return F.cross_entropy(logits.float(), labels[keep], reduction=reduction)
 
 
+@dataclass
+class Window:
+    """Sums over the micro-batches since the last log line (this rank's share)."""
+
+    tokens: float = 0.0  # real (non-pad) tokens
+    answers: float = 0.0  # tokens that carry loss
+    loss: float = 0.0
+    micros: float = 0.0
+    padded_len: float = 0.0  # summed sequence length after padding
+
+    def add(self, batch: dict, loss: float, ignore_index: int) -> None:
+        self.tokens += int(batch["attention_mask"].sum())
+        self.answers += int((batch["labels"] != ignore_index).sum())
+        self.loss += loss
+        self.micros += 1
+        self.padded_len += batch["input_ids"].shape[1]
+
+
 def lr_lambda(total_steps: int, warmup_ratio: float):
     warmup = max(1, int(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
 
@@ -392,11 +410,7 @@ def train_loop_per_worker(config: dict) -> None:  # noqa: C901 - one readable re
     # ---- train
     engine.train()
     t_log = time.perf_counter()
-    tokens_since = 0
-    answer_since = 0
-    loss_since = 0.0
-    micro_since = 0
-    seq_sum = 0.0
+    window = Window()
     stopped_early = False
     last_eval: dict = {}
     loss = None
@@ -414,11 +428,7 @@ def train_loop_per_worker(config: dict) -> None:  # noqa: C901 - one readable re
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
             pos.micro += 1
-            tokens_since += int(batch["attention_mask"].sum())
-            answer_since += int((batch["labels"] != IGNORE_INDEX).sum())
-            seq_sum += batch["input_ids"].shape[1]
-            loss_since += float(loss.detach())
-            micro_since += 1
+            window.add(batch, float(loss.detach()), IGNORE_INDEX)
             if not boundary:
                 continue
             pos.step += 1
@@ -429,7 +439,8 @@ def train_loop_per_worker(config: dict) -> None:  # noqa: C901 - one readable re
                     log.warning("fault injection: worker %d exits at step %d", rank, pos.step)
                     os._exit(1)
             if pos.step % cfg.log_every_steps == 0 or pos.step == total_steps:
-                stats = torch.tensor([tokens_since, loss_since, micro_since, seq_sum, answer_since], dtype=torch.float64, device=device)
+                stats = torch.tensor([window.tokens, window.loss, window.micros, window.padded_len, window.answers],
+                                     dtype=torch.float64, device=device)
                 dist.all_reduce(stats)
                 dt = time.perf_counter() - t_log
                 tokens, loss_total, micros, seqs, answers = stats.tolist()
@@ -450,11 +461,7 @@ def train_loop_per_worker(config: dict) -> None:  # noqa: C901 - one readable re
                     )
                 ray.train.report({k: v for k, v in record.items() if k != "type"})
                 t_log = time.perf_counter()
-                tokens_since = 0
-                answer_since = 0
-                loss_since = 0.0
-                micro_since = 0
-                seq_sum = 0.0
+                window = Window()
             if cfg.save_every_steps and pos.step % cfg.save_every_steps == 0 and pos.step < total_steps:
                 save({"loss": float(loss.detach())})
         if pos.micro >= micro_per_epoch or pos.step >= total_steps:
