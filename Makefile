@@ -19,13 +19,14 @@ export HF_HUB_OFFLINE ?= 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-all data model train submit clean-venv help
+.PHONY: install demo test test-all data model train submit serve clean-venv help
 
 help:
 	@echo "make demo   - run the pipeline on the embedded default (sample data, SmolLM2-135M)"
 	@echo "make test   - run the test suite (unit + integration, CPU)"
 	@echo "make data   - prepare + build the sample dataset into $(STORAGE)/datasets"
 	@echo "make model  - import SmolLM2-135M-Instruct into $(MODEL_DIR)"
+	@echo "make serve  - serve base + latest fine-tune on http://127.0.0.1:8000/v1 (SERVE_CONFIG=..., SERVE_ARGS=...)"
 	@echo "make train  - fine-tune it on the sample data (TRAIN_CONFIG=...; RAY_ADDRESS=http://HEAD:8265 submits to a cluster)"
 
 install: $(STAMP)
@@ -52,6 +53,12 @@ data: model
 # Local Ray by default; with RAY_ADDRESS=http://HEAD:8265 the same command is submitted to that cluster.
 train: data
 	$(MEDTUNE) train --config $(TRAIN_CONFIG) $(TRAIN_ARGS)
+
+# The base model and the latest checkpoint in $(STORAGE), OpenAI-compatible on 127.0.0.1:8000.
+SERVE_CONFIG ?= serving/configs/smollm2.yaml
+SERVE_ARGS ?=
+serve: model
+	$(MEDTUNE) serve --config $(SERVE_CONFIG) --storage $(STORAGE) $(SERVE_ARGS)
 
 demo: install
 	$(MEDTUNE) demo --storage $(STORAGE)

@@ -18,19 +18,42 @@ from medtune import __version__
 from medtune.errors import MedtuneError
 from medtune.logs import setup_logging
 
-# Stages that later work fills in; until then they say so and exit non-zero.
-PENDING = {
-    "serve": "OpenAI-compatible Ray Serve + vLLM service",
-    "guard": "check text against the guardrails policy",
-    "chat": "Gradio app, base and fine-tuned side by side",
-    "eval": "PubMedQA accuracy, base vs fine-tuned",
-}
+# Stage modules, each providing `add_arguments(parser)` and `run_from_args(args)` and
+# documenting itself in its docstring (the --help text). A stage whose module is not part
+# of this build yet is listed as pending: it says so and exits 2.
+STAGES = [
+    # (group, name, module, help, extra parser defaults)
+    ("data", "prepare", "medtune.training.prepare", "convert a PubMedQA-style source to prepared JSONL", {}),
+    ("data", "build", "medtune.training.build", "tokenize prepared JSONL into masked train/test splits", {}),
+    (None, "model", "medtune.training.models", "import a base model as a HF directory", {}),
+    (None, "train", "medtune.training.train", "fine-tune on Ray Train workers with DeepSpeed ZeRO + LoRA", {}),
+    (None, "submit", "medtune.training.submit", "submit `medtune train ...` to a Ray / KubeRay cluster as a job",
+     {"wants_rest": True}),
+    (None, "serve", "medtune.serving.cli", "OpenAI-compatible Ray Serve + vLLM service, base and fine-tuned", {}),
+    (None, "guard", "medtune.guardrails.cli", "check text against the guardrails policy", {}),
+    (None, "chat", "medtune.chatbot.cli", "Gradio app, base and fine-tuned side by side", {}),
+    (None, "eval", "medtune.evaluation.cli", "PubMedQA accuracy, base vs fine-tuned", {}),
+    (None, "demo", "medtune.demo", "run the pipeline on the embedded default (sample data, SmolLM2-135M)", {}),
+]
+
+
+def _stage_module(name: str):
+    """Import a stage module, or None when this build does not have it yet."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name != name:  # the module exists but one of its own imports is missing
+            raise
+        return None
+
+
+def pending_stages() -> dict[str, str]:
+    return {name: help_text for _, name, module, help_text, _ in STAGES if _stage_module(module) is None}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from medtune import demo
-    from medtune.training import build, models, prepare, submit, train
-
     parser = argparse.ArgumentParser(
         prog="medtune",
         description="Fine-tune an open LLM on medical QA, serve it behind guardrails, compare it with its base.",
@@ -40,27 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     data = sub.add_parser("data", help="prepare and build datasets")
-    data_sub = data.add_subparsers(dest="data_command", metavar="{prepare,build}", required=True)
-    # Each stage module documents itself (its docstring is the --help text) and provides
-    # add_arguments(parser) and run_from_args(args).
-    stages = [
-        (data_sub, "prepare", prepare, "convert a PubMedQA-style source to prepared JSONL", {}),
-        (data_sub, "build", build, "tokenize prepared JSONL into masked train/test splits", {}),
-        (sub, "model", models, "import a base model as a HF directory", {}),
-        (sub, "train", train, "fine-tune on Ray Train workers with DeepSpeed ZeRO + LoRA", {}),
-        (sub, "submit", submit, "submit `medtune train ...` to a Ray / KubeRay cluster as a job", {"wants_rest": True}),
-        (sub, "demo", demo, "run the pipeline on the embedded default (sample data, SmolLM2-135M)", {}),
-    ]
-    for group, name, module, help_text, extra in stages:
-        stage = group.add_parser(name, help=help_text, description=module.__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = {None: sub, "data": data.add_subparsers(dest="data_command", metavar="{prepare,build}", required=True)}
+    for group, name, module_name, help_text, extra in STAGES:
+        module = _stage_module(module_name)
+        if module is None:
+            stage = groups[group].add_parser(name, help=f"{help_text} (not yet available)")
+            stage.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+            stage.set_defaults(handler=_pending(name, help_text))
+            continue
+        stage = groups[group].add_parser(name, help=help_text, description=module.__doc__,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(stage)
         stage.set_defaults(handler=module.run_from_args, **extra)
-
-    for name, what in PENDING.items():
-        s = sub.add_parser(name, help=f"{what} (not yet available)", add_help=True)
-        s.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        s.set_defaults(handler=_pending(name, what))
     return parser
 
 

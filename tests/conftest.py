@@ -126,3 +126,31 @@ def qa(i: int, decision: str | None = "yes", **extra) -> dict:
     }
     rec.update(extra)
     return rec
+
+
+def publish_lora_checkpoint(storage: Path, base_dir: Path, run_id: str = "run-a", step: int = 1, seed: int = 1,
+                            chat_template: str | None = None, before_publish=None) -> Path:
+    """A real (random-weight) LoRA checkpoint for the tiny model, published through the storage
+    contract exactly as training does it: staging dir, tokenizer, MANIFEST last, then LATEST."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from medtune.training import checkpoints as ck
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    rdir = ck.run_dir(Path(storage), run_id)
+    rdir.mkdir(parents=True, exist_ok=True)
+    staging = ck.staging_dir(rdir, step, f"test{seed}")
+    peft_model.save_pretrained(staging)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    tok.save_pretrained(staging)
+    ck.write_manifest(staging, {"run_id": run_id, "step": step, "epoch": 0, "kind": "lora", "base_model": str(Path(base_dir).resolve()),
+                                "prompt_type": "chat", "metrics": {"eval_loss": 1.0}})
+    if before_publish is not None:
+        before_publish(staging)
+    return ck.publish(staging, Path(storage), run_id, step)

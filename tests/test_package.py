@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from medtune.cli import PENDING, main
+from medtune.cli import main, pending_stages
 
 from conftest import REPO
 
@@ -52,7 +52,7 @@ def test_console_script_help_lists_every_subcommand():
         assert name in out.stdout
 
 
-@pytest.mark.parametrize("name", sorted(PENDING))
+@pytest.mark.parametrize("name", sorted(pending_stages()) or [pytest.param("-", marks=pytest.mark.skip("every stage is built"))])
 def test_pending_subcommands_say_so(name, capsys):
     assert main([name]) == 2
     assert "not yet available" in capsys.readouterr().err
