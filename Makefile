@@ -19,7 +19,7 @@ export HF_HUB_OFFLINE ?= 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-all data model train submit serve clean-venv help
+.PHONY: install demo test test-all data model train submit serve eval deploy-check clean-venv help
 
 help:
 	@echo "make demo   - run the pipeline on the embedded default (sample data, SmolLM2-135M)"
@@ -28,6 +28,8 @@ help:
 	@echo "make model  - import SmolLM2-135M-Instruct into $(MODEL_DIR)"
 	@echo "make serve  - serve base + latest fine-tune on http://127.0.0.1:8000/v1 (SERVE_CONFIG=..., SERVE_ARGS=...)"
 	@echo "make train  - fine-tune it on the sample data (TRAIN_CONFIG=...; RAY_ADDRESS=http://HEAD:8265 submits to a cluster)"
+	@echo "make eval   - PubMedQA accuracy, base vs finetuned, on the sample test split via the local endpoint (EVAL_ARGS=...)"
+	@echo "make deploy-check - validate deploy/ offline: manifests, KubeRay objects, images, scripts, no secrets"
 
 install: $(STAMP)
 
@@ -54,11 +56,24 @@ data: model
 train: data
 	$(MEDTUNE) train --config $(TRAIN_CONFIG) $(TRAIN_ARGS)
 
+# The same training job on a Ray / KubeRay cluster: RAY_ADDRESS=http://HEAD:30265 make submit
+submit: install
+	$(MEDTUNE) submit train --config $(TRAIN_CONFIG) $(TRAIN_ARGS)
+
 # The base model and the latest checkpoint in $(STORAGE), OpenAI-compatible on 127.0.0.1:8000.
 SERVE_CONFIG ?= serving/configs/smollm2.yaml
 SERVE_ARGS ?=
 serve: model
 	$(MEDTUNE) serve --config $(SERVE_CONFIG) --storage $(STORAGE) $(SERVE_ARGS)
+
+# Base vs fine-tuned on the sample data's test split (the one `make data` held out), through the
+# endpoint `make serve` runs; report in $(EVAL_OUT). EVAL_ARGS replaces the defaults below, e.g.
+# EVAL_ARGS="--api-base inprocess --mode likelihood" to load the models here instead.
+EVAL_API ?= http://127.0.0.1:8000/v1
+EVAL_OUT ?= $(STORAGE)/eval/sample
+EVAL_ARGS ?= --api-base $(EVAL_API) --models base,finetuned --mode both
+eval: install
+	$(MEDTUNE) eval pubmedqa --data $(STORAGE)/datasets/sample.jsonl --storage $(STORAGE) --out $(EVAL_OUT) $(EVAL_ARGS)
 
 demo: install
 	$(MEDTUNE) demo --storage $(STORAGE)
@@ -68,6 +83,10 @@ test: install
 
 test-all: install
 	$(PY) -m pytest -m ""
+
+# Offline: renders the kustomize overlays and validates everything in deploy/ (deploy/README.md).
+deploy-check: install
+	$(PY) deploy/deploy_check.py
 
 clean-venv:
 	rm -rf $(VENV)
