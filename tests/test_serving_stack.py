@@ -6,13 +6,9 @@ YAML config, the API key from the environment), stopped with SIGTERM at the end.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -39,31 +35,11 @@ def stack(tmp_path_factory, tiny_model_dir):
         "max_model_len": 512, "max_tokens_cap": 256, "default_max_tokens": 16, "watch_interval_s": 0.5,
         "guardrails": "none", "kv_cache_gib": 1, "max_concurrent": 8, "max_queue": 8,
     }))
-    env = dict(os.environ, MEDTUNE_API_KEY=KEY, HF_HUB_OFFLINE="1")
-    exe = str(Path(sys.executable).parent / "medtune")
-    log_path = root / "serve.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen([exe, "serve", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                            cwd=root, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"medtune serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        if "medtune serve: ready" in log_path.read_text():
-            break
-        time.sleep(1)
-    else:
-        proc.send_signal(signal.SIGTERM)
-        pytest.fail(f"medtune serve not ready after 240 s:\n{log_path.read_text()[-4000:]}")
-    yield {"url": url, "storage": storage, "proc": proc, "log": log_path, "model": tiny_model_dir}
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+    from medtune.serving.launch import serve_process
+
+    with serve_process(["--config", str(config)], log=root / "serve.log", timeout=240,
+                       env={"MEDTUNE_API_KEY": KEY, "HF_HUB_OFFLINE": "1"}) as server:
+        yield {"url": server.url, "storage": storage, "proc": server.proc, "log": server.log, "model": tiny_model_dir}
 
 
 @pytest.fixture()
