@@ -19,7 +19,7 @@ export HF_HUB_OFFLINE ?= 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-all data model train submit serve eval deploy-check clean-venv help
+.PHONY: install demo test test-all data model train submit serve chat eval deploy-check clean-venv help
 
 help:
 	@echo "make demo   - run the pipeline on the embedded default (sample data, SmolLM2-135M)"
@@ -28,6 +28,7 @@ help:
 	@echo "make model  - import SmolLM2-135M-Instruct into $(MODEL_DIR)"
 	@echo "make serve  - serve base + latest fine-tune on http://127.0.0.1:8000/v1 (SERVE_CONFIG=..., SERVE_ARGS=...)"
 	@echo "make train  - fine-tune it on the sample data (TRAIN_CONFIG=...; RAY_ADDRESS=http://HEAD:8265 submits to a cluster)"
+	@echo "make chat   - Gradio app on http://127.0.0.1:7860: base | fine-tuned side by side (MEDTUNE_API_BASE=..., CHAT_ARGS=...)"
 	@echo "make eval   - PubMedQA accuracy, base vs finetuned, on the sample test split via the local endpoint (EVAL_ARGS=...)"
 	@echo "make deploy-check - validate deploy/ offline: manifests, KubeRay objects, images, scripts, no secrets"
 
@@ -65,6 +66,12 @@ SERVE_CONFIG ?= serving/configs/smollm2.yaml
 SERVE_ARGS ?=
 serve: model
 	$(MEDTUNE) serve --config $(SERVE_CONFIG) --storage $(STORAGE) $(SERVE_ARGS)
+
+# The side-by-side chat app on 127.0.0.1:7860, a client of the endpoint `make serve` runs
+# (MEDTUNE_API_BASE / MEDTUNE_API_KEY from the environment; votes to $(STORAGE)/chat/votes.jsonl).
+CHAT_ARGS ?=
+chat: install
+	MEDTUNE_STORAGE=$(STORAGE) $(MEDTUNE) chat $(CHAT_ARGS)
 
 # Base vs fine-tuned on the sample data's test split (the one `make data` held out), through the
 # endpoint `make serve` runs; report in $(EVAL_OUT). EVAL_ARGS replaces the defaults below, e.g.
