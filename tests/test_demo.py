@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from medtune import demo
@@ -10,7 +12,7 @@ from medtune.training.build import load_built
 
 
 @pytest.mark.integration
-def test_demo_runs_the_pipeline_so_far(tmp_path, capsys):
+def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
     import ray
 
     storage = tmp_path / "storage"
@@ -19,7 +21,10 @@ def test_demo_runs_the_pipeline_so_far(tmp_path, capsys):
     finally:
         ray.shutdown()
     out = capsys.readouterr().out
-    assert "[5/5]" in out and "fine-tuned:" in out and "not yet available" in out
+    assert "[7/7]" in out and "fine-tuned:" in out and "make chat" in out
+    assert result["blocked"] == "content_filter"
+    for name in ("report.md", "report.html", "metrics.json"):
+        assert (Path(result["eval"]) / name).is_file()
     ds, card = load_built(result["built"])
     assert card["prompt_type"] == "chat" and card["dropped_too_long"] == 0
     assert len(ds["train"]) + len(ds["test"]) == card["source"]["records"] >= 150
