@@ -216,14 +216,15 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
     async def chat_completions(request: Request):
         body = await _read_json(request, cfg.max_request_bytes)
         params = _validate(CHAT_REQUEST, body)
-        job, stream, include_usage = _chat_job(service, params)
+        # The input guard (an encoder pass per message) and the tokenizer are CPU work: off the loop.
+        job, stream, include_usage = await asyncio.to_thread(_chat_job, service, params)
         return await _respond(service, admission, job, stream, include_usage, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await _read_json(request, cfg.max_request_bytes)
         params = _validate(COMPLETION_REQUEST, body)
-        job, stream, include_usage = _completion_job(service, params)
+        job, stream, include_usage = await asyncio.to_thread(_completion_job, service, params)
         return await _respond(service, admission, job, stream, include_usage, chat=False)
 
     return app
@@ -310,11 +311,10 @@ def _resolve(service: Service, model_id: str) -> ServedModel:
         raise APIError(503, "the model is still loading; retry when GET /health returns 200", type="server_error",
                        code="not_ready", headers={"Retry-After": "5"})
     try:
-        model = service.resolve(model_id)
+        model = service.resolve_and_acquire(model_id)  # from here the model outlives a hot swap until released
     except ModelNotFound:
         names = ", ".join(mid for mid, _, _ in service.models())
         raise APIError(404, f"model {model_id!r} not found; available: {names}", param="model", code="model_not_found") from None
-    service.acquire(model)  # from here the model outlives a hot swap until released
     return model
 
 

@@ -48,8 +48,8 @@ def serve_process(args: list[str], *, log: Path, timeout: float = 300, env: dict
     cmd = [str(exe), "serve", *args] if exe.exists() else [sys.executable, "-m", "medtune", "serve", *args]
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                start_new_session=True)
+        merged = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}  # None unsets
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=merged, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
         while READY not in log.read_text(errors="replace"):

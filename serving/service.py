@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,7 @@ class Service:
         self._swap = asyncio.Lock()
         self._watcher: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
+        self._count_lock = threading.Lock()
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -126,12 +128,18 @@ class Service:
                 return model
         raise ModelNotFound(model_id)
 
-    def acquire(self, model: ServedModel) -> None:
-        model.inflight += 1
+    def resolve_and_acquire(self, model_id: str) -> ServedModel:
+        """The model behind model_id, held until `release` (no swap can unload it in between)."""
+        with self._count_lock:
+            model = self.resolve(model_id)
+            model.inflight += 1
+            return model
 
     def release(self, model: ServedModel) -> None:
-        model.inflight -= 1
-        if model.retired and model.inflight == 0:
+        with self._count_lock:
+            model.inflight -= 1
+            idle = model.retired and model.inflight == 0
+        if idle:
             task = asyncio.get_running_loop().create_task(self._unload(model))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
@@ -158,11 +166,14 @@ class Service:
             except (CheckpointError, EngineError, OSError, ValueError) as err:
                 self._refuse(key, str(err))
                 return False
-            old, self.finetuned = self.finetuned, model
+            with self._count_lock:
+                old, self.finetuned = self.finetuned, model
             log.info("finetuned -> %s (step %s)", model.checkpoint, model.manifest.get("step"))
             if old is not None:
-                old.retired = True
-                if old.inflight == 0:
+                with self._count_lock:
+                    old.retired = True
+                    idle = old.inflight == 0
+                if idle:
                     await self._unload(old)
         return True
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, publish_lora_checkpoint
 
 CHROMIUM = Path(os.environ.get("MEDTUNE_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -45,30 +45,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def publish_tiny_lora(storage: Path, base_dir: Path) -> Path:
-    """A LoRA adapter for the tiny model, published the way training does (staging dir, tokenizer
-    with its chat template, MANIFEST.json last, then publish moves LATEST)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from medtune.training.checkpoints import publish, run_dir, staging_dir, write_manifest
-    from medtune.training.prompts import SYSTEM_PROMPT
-
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
-    # Random B (not peft's zero init), so the fine-tune answers differently from the base.
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                  init_lora_weights=False, task_type="CAUSAL_LM"))
-    staging = staging_dir(run_dir(storage, RUN_ID), STEP, "e2e")
-    staging.mkdir(parents=True)
-    peft_model.save_pretrained(staging)
-    AutoTokenizer.from_pretrained(base_dir).save_pretrained(staging)
-    write_manifest(staging, {"run_id": RUN_ID, "step": STEP, "epoch": 0, "base_model": str(base_dir.resolve()),
-                             "prompt_type": "chat", "system_prompt": SYSTEM_PROMPT, "kind": "lora", "metrics": {}})
-    return publish(staging, storage, RUN_ID, STEP)
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
@@ -107,27 +83,19 @@ def stop(proc: subprocess.Popen, grace: float = 30) -> None:
 
 @pytest.fixture(scope="module")
 def live_serve(tmp_path_factory, tiny_model_dir):
+    from medtune.serving.launch import serve_process
+
     tmp = tmp_path_factory.mktemp("chat-e2e")
     storage = tmp / "storage"
-    publish_tiny_lora(storage, tiny_model_dir)
-    port = free_port()
-    log = tmp / "serve.log"
-    env = dict(os.environ, MEDTUNE_STORAGE=str(storage), RAY_DEDUP_LOGS="0")
-    env.pop("MEDTUNE_API_KEY", None)
+    publish_lora_checkpoint(storage, tiny_model_dir, run_id=RUN_ID, step=STEP)
     # The shipped config's context (2048) is longer than the tiny model's (1024 positions).
     config = tmp / "serve.yaml"
     config.write_text("max_model_len: 1024\nmax_tokens_cap: 256\ndefault_max_tokens: 64\n"
                       f"base_model: {tiny_model_dir}\nengine: transformers\n", encoding="utf-8")
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [*MEDTUNE, "serve", "--config", str(config), "--engine", "transformers", "--base-model", str(tiny_model_dir),
-             "--storage", str(storage), "--port", str(port), "--guardrails", "none"],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", SERVE_READY_S, proc, log)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        stop(proc)
+    args = ["--config", str(config), "--storage", str(storage), "--guardrails", "none"]
+    with serve_process(args, log=tmp / "serve.log", timeout=SERVE_READY_S,
+                       env={"MEDTUNE_STORAGE": str(storage), "RAY_DEDUP_LOGS": "0", "MEDTUNE_API_KEY": None}) as server:
+        yield server.url + "/v1"
 
 
 @pytest.fixture(scope="module")

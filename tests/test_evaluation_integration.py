@@ -9,21 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from medtune.cli import main
 
-from conftest import REPO, publish_lora_checkpoint, qa, write_jsonl
+from conftest import publish_lora_checkpoint, qa, write_jsonl
 
 pytestmark = pytest.mark.integration
 
@@ -209,59 +201,19 @@ def test_inprocess_likelihood_equals_a_plain_forward_pass(setup):
 
 # --- over HTTP, against a live `medtune serve` ---------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tail(path: Path, n: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
-
-
 @pytest.fixture(scope="module")
 def live_serve(setup):
     pytest.importorskip("medtune.serving.cli", reason="medtune serve is not part of this build")
-    port = _free_port()
-    log = setup["tmp"] / "serve.log"
+    from medtune.serving.launch import serve_process
+
     # float32 like the in-process run (the shipped config serves bfloat16), and the tiny model's context.
     config = setup["tmp"] / "serve.yaml"
     config.write_text(f"base_model: {setup['base']}\nengine: transformers\ndtype: float32\nmax_model_len: 1024\n"
                       "max_tokens_cap: 256\ndefault_max_tokens: 64\n", encoding="utf-8")
-    env = dict(os.environ, RAY_DEDUP_LOGS="0")
-    env.pop("MEDTUNE_API_KEY", None)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "medtune", "serve", "--config", str(config), "--engine", "transformers",
-             "--base-model", str(setup["base"]), "--storage", str(setup["storage"]), "--port", str(port),
-             "--guardrails", "none"],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + SERVE_READY_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"medtune serve exited with {proc.returncode}:\n{_tail(log)}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"/health not 200 after {SERVE_READY_S} s:\n{_tail(log)}")
-            time.sleep(1)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+    args = ["--config", str(config), "--storage", str(setup["storage"]), "--guardrails", "none"]
+    with serve_process(args, log=setup["tmp"] / "serve.log", timeout=SERVE_READY_S,
+                       env={"RAY_DEDUP_LOGS": "0", "MEDTUNE_API_KEY": None}) as server:
+        yield server.url + "/v1"
 
 
 @pytest.fixture(scope="module")
