@@ -36,7 +36,7 @@ def default_storage() -> Path:
 
 
 def run(storage: Path, prompt_type: str = "chat", ctx_len: int = 512, max_steps: int | None = None,
-        ray_address: str | None = None) -> dict:
+        ray_address: str | None = None, eval_limit: int | None = None) -> dict:
     from medtune.training import build, models, prepare, prompts
     from medtune.training import train as train_stage
     from medtune.training.config import build_config, load_yaml
@@ -110,7 +110,8 @@ def run(storage: Path, prompt_type: str = "chat", ctx_len: int = 512, max_steps:
         from medtune.cli import main as cli_main
 
         status = cli_main(["eval", "pubmedqa", "--api-base", api, "--models", "base,finetuned", "--data", str(prepared),
-                           "--storage", str(storage), "--mode", "likelihood", "--samples", "2", "--sample-max-tokens", "64", "--out", str(out)])
+                           "--storage", str(storage), "--mode", "likelihood", "--samples", "2", "--sample-max-tokens", "64", "--out", str(out),
+                           *(["--limit", str(eval_limit)] if eval_limit else [])])
         if status != 0:
             raise MedtuneError(f"evaluation failed (exit {status}); see the message above")
         timings["eval"] = time.perf_counter() - t0

@@ -17,7 +17,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
 
     storage = tmp_path / "storage"
     try:
-        result = demo.run(storage, max_steps=2, ray_address="local")
+        result = demo.run(storage, max_steps=2, ray_address="local", eval_limit=8)
     finally:
         ray.shutdown()
     out = capsys.readouterr().out
