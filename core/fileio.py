@@ -2,6 +2,7 @@
 
 A reader (or a later stage) therefore sees either the old complete file or the new complete
 file, never a half-written one; a failure mid-write leaves whatever was there before untouched.
+Also the one reader of YAML settings files, so every config reports a bad file the same way.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
+
+import yaml
+
+from medtune.errors import MedtuneError
 
 
 def fsync_dir(path: Path) -> None:
@@ -108,3 +113,32 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_yaml_mapping(path: str | os.PathLike, what: str, missing_hint: str = "") -> dict:
+    """The top-level mapping of a YAML file (an empty file is `{}`).
+
+    `what` names the kind of file in every message ("training config"); `missing_hint` says
+    where to find one when the path does not exist. Raises MedtuneError naming the path (and
+    line:column for a syntax error).
+    """
+    path = Path(path)
+    if not path.is_file():
+        hint = f" ({missing_hint})" if missing_hint else ""
+        raise MedtuneError(f"{what} {path}: file not found{hint}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise MedtuneError(f"{what} {path}: cannot read it ({getattr(err, 'strerror', None) or err})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = ": ".join(filter(None, (getattr(err, "context", None), getattr(err, "problem", None)))) or str(err)
+        raise MedtuneError(f"{what} {path}{where}: invalid YAML ({problem})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise MedtuneError(f"{what} {path}: expected a mapping of settings at the top level, got {type(data).__name__}")
+    return data

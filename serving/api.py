@@ -22,7 +22,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
@@ -217,14 +217,14 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
         body = await _read_json(request, cfg.max_request_bytes)
         params = _validate(CHAT_REQUEST, body)
         # The input guard (an encoder pass per message) and the tokenizer are CPU work: off the loop.
-        job, stream, include_usage = await asyncio.to_thread(_chat_job, service, params)
+        job, stream, include_usage = await asyncio.to_thread(_held_job, service, params, _chat_job)
         return await _respond(service, admission, job, stream, include_usage, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await _read_json(request, cfg.max_request_bytes)
         params = _validate(COMPLETION_REQUEST, body)
-        job, stream, include_usage = await asyncio.to_thread(_completion_job, service, params)
+        job, stream, include_usage = await asyncio.to_thread(_held_job, service, params, _completion_job)
         return await _respond(service, admission, job, stream, include_usage, chat=False)
 
     return app
@@ -340,13 +340,16 @@ def _text_of(content, where: str) -> str:
     return "".join(parts)
 
 
-def _chat_job(service: Service, params: dict) -> tuple[Job, bool, bool]:
+def _held_job(service: Service, params: dict,
+              build: Callable[[Service, dict, ServedModel], tuple[Job, bool, bool]]) -> tuple[Job, bool, bool]:
+    """`build`'s job on the requested model, which stays held (through a hot swap) until the job
+    is done; if building fails (a bad request, a guard error), the model is released at once."""
     model = _resolve(service, params["model"])
     with _released_on_error(service, model):
-        return _build_chat_job(service, params, model)
+        return build(service, params, model)
 
 
-def _build_chat_job(service: Service, params: dict, model: ServedModel) -> tuple[Job, bool, bool]:
+def _chat_job(service: Service, params: dict, model: ServedModel) -> tuple[Job, bool, bool]:
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     guard = service.guard or NoGuard()
     messages = []
@@ -388,13 +391,7 @@ def _build_chat_job(service: Service, params: dict, model: ServedModel) -> tuple
     return job, bool(params.get("stream")), _include_usage(params)
 
 
-def _completion_job(service: Service, params: dict) -> tuple[Job, bool, bool]:
-    model = _resolve(service, params["model"])
-    with _released_on_error(service, model):
-        return _build_completion_job(service, params, model)
-
-
-def _build_completion_job(service: Service, params: dict, model: ServedModel) -> tuple[Job, bool, bool]:
+def _completion_job(service: Service, params: dict, model: ServedModel) -> tuple[Job, bool, bool]:
     request_id = f"cmpl-{uuid.uuid4().hex}"
     prompt = params["prompt"]
     if isinstance(prompt, list):

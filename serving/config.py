@@ -12,10 +12,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medtune.errors import MedtuneError
+from medtune.fileio import read_yaml_mapping
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "smollm2.yaml"
@@ -68,14 +68,7 @@ def shipped_path(path: str | Path) -> Path:
 def load_config(config: str | Path | None = None, overrides: dict | None = None) -> ServeConfig:
     """The settings from `config` (default: the shipped SmolLM2 one) with `overrides` on top."""
     path = shipped_path(config) if config else DEFAULT_CONFIG
-    if not path.is_file():
-        raise MedtuneError(f"--config {path}: file not found (shipped serving configs are in {CONFIG_DIR})")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise MedtuneError(f"{path}: invalid YAML ({err})") from None
-    if not isinstance(values, dict):
-        raise MedtuneError(f"{path}: expected a mapping of settings at the top level")
+    values = read_yaml_mapping(path, "serving config", f"--config takes a YAML file; the shipped ones are in {CONFIG_DIR}")
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         cfg = ServeConfig.model_validate(values)

@@ -12,7 +12,7 @@ import pytest
 from medtune.errors import MedtuneError
 from medtune.training import checkpoints as ckpt
 from medtune.training.build import build
-from medtune.training.submit import build_submission, follow_job, submit_train
+from medtune.training.submit import build_submission, follow_job, ray_client_auth, submit_train
 
 from conftest import qa, write_jsonl
 
@@ -38,6 +38,24 @@ def test_bad_flags_fail_before_submission():
         build_submission(["--model-name", "m"])
     # The shipped YAML with overrides passes (its paths are the cluster's and are not looked up).
     build_submission(["--config", "training/configs/llama2_7b.yaml", "-nd", "8"])
+
+
+def test_ray_token_turns_on_token_auth_for_the_client(monkeypatch, caplog):
+    token = "ray_secret_token_abc"
+    monkeypatch.delitem(sys.modules, "ray._raylet", raising=False)  # Ray reads the mode on import
+    env = {"RAY_AUTH_TOKEN": token}
+    with caplog.at_level("INFO", logger="medtune.submit"):
+        assert ray_client_auth(env) == "RAY_AUTH_TOKEN"
+    assert env["RAY_AUTH_MODE"] == "token"
+    assert "RAY_AUTH_MODE=token" in caplog.text and token not in caplog.text
+    # An explicit mode is left alone, and without a token nothing changes.
+    assert ray_client_auth(env := {"RAY_AUTH_TOKEN_PATH": "/t", "RAY_AUTH_MODE": "disabled"}) is None
+    assert env["RAY_AUTH_MODE"] == "disabled"
+    assert ray_client_auth(env := {}) is None and env == {}
+    # Once Ray is imported, setting the mode has no effect: say what to export instead.
+    monkeypatch.setitem(sys.modules, "ray._raylet", object())
+    with pytest.raises(MedtuneError, match="RAY_AUTH_TOKEN_PATH is set but RAY_AUTH_MODE is not.*export RAY_AUTH_MODE=token"):
+        ray_client_auth({"RAY_AUTH_TOKEN_PATH": "/t"})
 
 
 def _free_port() -> int:

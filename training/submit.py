@@ -7,14 +7,17 @@ Submits `medtune train <the same flags>` as a Ray job through Ray's `JobSubmissi
 KubeRay head's dashboard port; NodePort 30265 in deploy/). The flags are checked here first so a
 typo fails before anything is submitted. Secrets never go into the entrypoint (it shows in
 `ray job list` and the dashboard): HF_TOKEN (or the file named by HF_TOKEN_FILE) travels in the
-job's runtime_env as an environment variable. Prints the submission id and the command to follow
-its logs; `--follow` streams them here and exits with the job's status.
+job's runtime_env as an environment variable. On a cluster with Ray token authentication, export
+RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH); RAY_AUTH_MODE=token is then set for this client when
+missing. Prints the submission id and the command to follow its logs; `--follow` streams them
+here and exits with the job's status.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import shlex
 import sys
@@ -24,6 +27,28 @@ from medtune.errors import MedtuneError
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 SECRET_ENV = ("HF_TOKEN",)
+RAY_TOKEN_ENV = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")  # the two ways Ray's client takes a token
+
+log = logging.getLogger("medtune.submit")
+
+
+def ray_client_auth(environ: dict | None = None) -> str | None:
+    """Set RAY_AUTH_MODE=token when a Ray token is given (RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)
+    and RAY_AUTH_MODE is not; returns the variable that gave the token, or None if nothing changed.
+
+    Without RAY_AUTH_MODE=token, Ray's JobSubmissionClient sends no token and a cluster with token
+    auth answers 401. Ray reads the mode once, when `ray` is first imported, so this must run first.
+    """
+    environ = os.environ if environ is None else environ
+    given = next((name for name in RAY_TOKEN_ENV if environ.get(name)), None)
+    if given is None or environ.get("RAY_AUTH_MODE"):
+        return None
+    if "ray._raylet" in sys.modules:
+        raise MedtuneError(f"{given} is set but RAY_AUTH_MODE is not, and Ray is already imported in this process: "
+                           "export RAY_AUTH_MODE=token before starting it")
+    environ["RAY_AUTH_MODE"] = "token"
+    log.info("%s is set: using RAY_AUTH_MODE=token for the Ray client", given)
+    return given
 
 
 def job_env() -> dict[str, str]:
@@ -63,9 +88,10 @@ def build_submission(train_argv: list[str], working_dir: str | None = None) -> t
 
 
 def submit_train(train_argv: list[str], address: str, follow: bool = False, working_dir: str | None = None) -> int:
+    entrypoint, runtime_env = build_submission(train_argv, working_dir)
+    ray_client_auth()
     from ray.job_submission import JobSubmissionClient
 
-    entrypoint, runtime_env = build_submission(train_argv, working_dir)
     try:
         client = JobSubmissionClient(address)
     except Exception as err:
