@@ -1,7 +1,7 @@
 """Guardrails on the team-written evaluation set: the layered policy vs. rules alone, one script.
 
     .venv/bin/python bench/guardrails_eval.py                  # eval set + output rails + latency
-    .venv/bin/python bench/guardrails_eval.py --blind          # also the blind set (written after the bank froze)
+    .venv/bin/python bench/guardrails_eval.py --blind          # also the held-out set and the older blind (now dev) set
     .venv/bin/python bench/guardrails_eval.py --pubmedqa 300   # also long PubMedQA messages (../shared): latency, false blocks
     .venv/bin/python bench/guardrails_eval.py --policy my.yaml --repeats 5
 
@@ -89,14 +89,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policy", default="default")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes over the prompts after one warm-up pass")
-    ap.add_argument("--blind", action="store_true", help="also score guardrails/eval/blind.jsonl")
+    ap.add_argument("--blind", action="store_true",
+                    help="also score guardrails/eval/blind2.jsonl (held out) and blind.jsonl (a dev set by now)")
     ap.add_argument("--pubmedqa", type=int, default=0,
                     help="also check this many PubMedQA question+abstract messages (the last N of PQA-L): latency and false blocks")
     ap.add_argument("--json", default=str(REPO / "storage" / "bench" / "guardrails_eval.json"))
     args = ap.parse_args()
 
     from medtune.guardrails import load_guard
-    from medtune.guardrails.evalset import BLIND, OUTPUTS, PROMPTS, load_rows, percentile, score_inputs, score_outputs
+    from medtune.guardrails.evalset import BLIND, HELDOUT, OUTPUTS, PROMPTS, load_rows, percentile, score_inputs, score_outputs
 
     load1 = os.getloadavg()[0]
     print(f"machine: {os.cpu_count()} cores, load average {load1:.2f}" + ("  (BUSY: latency figures are unreliable)" if load1 > 1.5 else ""))
@@ -148,7 +149,7 @@ def main() -> int:
             times = []
             for m in msgs:
                 t = time.perf_counter()
-                d = guard.evaluate(m)
+                guard.evaluate(m)
                 times.append((time.perf_counter() - t) * 1000)
             blocked = sum(guard.evaluate(m).action == "block" for m in msgs)
             words = sum(len(m.split()) for m in msgs) / len(msgs)
@@ -158,14 +159,22 @@ def main() -> int:
                                   "blocked": blocked}
 
     if args.blind:
-        blind_rows = load_rows(BLIND)
-        bb = score_inputs(guard, blind_rows, use_classifier=False)
-        bl = score_inputs(guard, blind_rows, use_classifier=True)
-        print(f"\nBLIND set {BLIND.relative_to(REPO)} ({len(blind_rows)} prompts, written after the bank and rules froze):")
-        print_comparison(bb, bl)
-        print("  layered misses: " + ("; ".join(f"{i}" for i in bl["missed"]) or "none"))
-        print("  layered false blocks: " + ("; ".join(bl["false_blocks"]) or "none"))
-        result["blind"] = {"rules_only": bb, "layered": bl}
+        result["blind"] = {}
+        for path, status in ((BLIND, "written after the bank froze; a DEV set since its misses shaped the gloss layer"),
+                             (HELDOUT, "HELD OUT: written apart from the bank, rules and glossary")):
+            if not path.is_file():
+                continue
+            blind_rows = load_rows(path)
+            bb = score_inputs(guard, blind_rows, use_classifier=False)
+            bl = score_inputs(guard, blind_rows, use_classifier=True)
+            print(f"\n{path.relative_to(REPO)} ({len(blind_rows)} prompts; {status}):")
+            print_comparison(bb, bl)
+            for lang, c in bl.get("by_lang", {}).items():
+                print(f"  {lang}: blocked {c['blocked']}/{c['harmful']} harmful, {c['false_blocks']}/{c['legitimate']} "
+                      "benign or sensitive")
+            print("  layered misses: " + ("; ".join(f"{i}" for i in bl["missed"]) or "none"))
+            print("  layered false blocks: " + ("; ".join(bl["false_blocks"]) or "none"))
+            result["blind"][path.stem] = {"rules_only": bb, "layered": bl}
 
     print("\ntargets (layered policy, eval set):")
     results = check_targets(layered, outputs, layered["latency_ms"]["p99"])

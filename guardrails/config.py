@@ -12,14 +12,15 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medtune.errors import MedtuneError
+from medtune.fileio import read_yaml_mapping
 
 POLICY_DIR = Path(__file__).resolve().parent / "policies"
 DEFAULT_POLICY = POLICY_DIR / "default.yaml"
 DEFAULT_EXEMPLARS = POLICY_DIR / "exemplars.jsonl"
+DEFAULT_GLOSSARY = POLICY_DIR / "glossary.yaml"
 SAFE_LABELS = ("benign", "sensitive")  # exemplar labels that are not harm categories
 Encoding = Literal["base64", "hex", "rot13"]
 PiiType = Literal["EMAIL", "CARD", "SSN", "PHONE", "MRN", "DOB", "ADDRESS"]
@@ -91,6 +92,18 @@ class ClassifierConfig(_Strict):
     cache_dir: str | None = None
 
 
+class MultilingualConfig(_Strict):
+    enabled: bool = Field(default=True, description="Gloss messages in the listed languages into English for the "
+                                                    "rules and the classifier (see gloss.py).")
+    languages: list[str] = Field(default_factory=lambda: ["es", "fr", "de", "pt", "it"],
+                                 description="ISO 639-1 codes, each with a section in the glossary.")
+    min_confidence: float = Field(default=0.9, gt=0, le=1,
+                                  description="Language-identification probability needed to gloss a sentence.")
+    min_words: int = Field(default=3, ge=1, description="Shorter sentences are not identified on their own.")
+    glossary: str | None = Field(default=None, description="Glossary YAML; null = the shipped one. "
+                                                           "Relative paths are relative to the policy file.")
+
+
 class JudgeConfig(_Strict):
     enabled: bool = False
     base_url: str = "http://127.0.0.1:8000/v1"
@@ -116,6 +129,7 @@ class Policy(_Strict):
     output: OutputConfig
     redaction: RedactionConfig = Field(default_factory=RedactionConfig)
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
+    multilingual: MultilingualConfig = Field(default_factory=MultilingualConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     rules: dict[str, list[Rule]] = Field(default_factory=dict)
@@ -159,6 +173,14 @@ class Policy(_Strict):
             path = Path(self.source).parent / path
         return path
 
+    def glossary_path(self) -> Path:
+        if self.multilingual.glossary is None:
+            return DEFAULT_GLOSSARY
+        path = Path(os.path.expanduser(self.multilingual.glossary))
+        if not path.is_absolute() and self.source:
+            path = Path(self.source).parent / path
+        return path
+
     def audit_path(self) -> str | None:
         env = os.environ.get("MEDTUNE_GUARD_AUDIT")
         if env is not None:
@@ -177,23 +199,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def _read_yaml(path: Path) -> dict:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MedtuneError(f"guardrails policy {path}: file not found (pass 'default', 'none' or the path of a policy YAML)") from None
-    except OSError as err:
-        raise MedtuneError(f"guardrails policy {path}: cannot read it ({err.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise MedtuneError(f"guardrails policy {path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise MedtuneError(f"guardrails policy {path}: expected a mapping of settings at the top level, got {type(data).__name__}")
-    return data
+    return read_yaml_mapping(path, "guardrails policy", "pass 'default', 'none' or the path of a policy YAML")
 
 
 def load_policy(path: str | os.PathLike | None = None) -> Policy:
@@ -215,4 +221,7 @@ def load_policy(path: str | os.PathLike | None = None) -> Policy:
     exemplars = policy.exemplars_path()
     if policy.classifier.enabled and not exemplars.is_file():
         raise MedtuneError(f"guardrails policy {path}: classifier.exemplars: file {exemplars} not found")
+    glossary = policy.glossary_path()
+    if policy.multilingual.enabled and not glossary.is_file():
+        raise MedtuneError(f"guardrails policy {path}: multilingual.glossary: file {glossary} not found")
     return policy

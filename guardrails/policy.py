@@ -8,8 +8,9 @@ judge, in that order, for user input and (streamed) model output.
     for delta in stream: text, v = f.push(delta) ...; tail, v = f.finish()
 
 Input: personal data is replaced by placeholders first (the later layers and the judge never see
-it); encoded payloads are decoded; rules run on the normalised text, its de-obfuscated copies and
-the decoded payloads; then the classifier scores the same texts; then, where configured, the
+it); encoded payloads are decoded; sentences in other languages are glossed into English (gloss.py);
+rules run on the normalised text, its de-obfuscated copies, the decoded payloads and the glosses;
+then the classifier scores the same texts; then, where configured, the
 judge. The first layer that blocks decides. A block's `text` is the category's message.
 
 Output: `OutputFilter.push` runs the output rules on a rolling window for every delta, the
@@ -32,6 +33,7 @@ from medtune.guardrails.audit import AuditLog
 from medtune.guardrails.base import Verdict
 from medtune.guardrails.classifier import EmbeddingClassifier
 from medtune.guardrails.config import Policy
+from medtune.guardrails.gloss import Multilingual
 from medtune.guardrails.judge import Judge, JudgeError
 from medtune.guardrails.redact import Redaction, StreamRedactor, redact
 from medtune.guardrails.rules import RuleSet, decode_payloads, looks_obfuscated, normalize, substitute_decoded, variants
@@ -78,6 +80,7 @@ class PolicyGuard:
         use_classifier = policy.classifier.enabled if classifier is None else classifier
         self.classifier = EmbeddingClassifier(policy) if use_classifier and (
             policy.input.classifier or policy.output.classifier) else None
+        self.multilingual = Multilingual(policy) if policy.multilingual.enabled else None
         self.judge = Judge(policy.judge) if policy.judge.enabled else None
         self.audit = AuditLog(policy.audit_path(), policy.audit.store_text)
         self.types = tuple(policy.redaction.types)
@@ -88,6 +91,8 @@ class PolicyGuard:
     # ---- the Guard interface ----------------------------------------------------------------
     def warmup(self) -> "PolicyGuard":
         """Load the classifier now (serving calls this at start; otherwise the first message pays)."""
+        if self.multilingual is not None:
+            self.multilingual.warmup()
         if self.classifier is not None:
             self.classifier.warmup()
         return self
@@ -126,6 +131,13 @@ class PolicyGuard:
             return Decision("allow", text)
         decoded = decode_payloads(text, cfg.decode) if cfg.decode else []
         decoded_red = [redact(d.text, self.types).text if cfg.redact else d.text for d in decoded]
+        # non-English sentences glossed into English (the encoder and most rules read only English)
+        glosses = []
+        if self.multilingual is not None:
+            for src, where in [(red.text, "")] + [(dt, f" of {d.encoding}-decoded text") for d, dt in zip(decoded, decoded_red)]:
+                g = self.multilingual.gloss(src)
+                if g is not None:
+                    glosses.append((g.text, f" in the {g.lang} gloss{where}"))
 
         if cfg.rules and len(self.input_rules):
             hit = self.input_rules.check(variants(red.text))
@@ -135,6 +147,12 @@ class PolicyGuard:
                     hit = self.input_rules.check(variants(dt))
                     if hit:
                         where = f" in {d.encoding}-decoded text"
+                        break
+            if hit is None:
+                for gt, gwhere in glosses:
+                    hit = self.input_rules.check(variants(gt))
+                    if hit:
+                        where = gwhere
                         break
             if hit:
                 return self._block(hit.category, f"rule {hit.rule}{where}", "rules", None, red)
@@ -155,6 +173,9 @@ class PolicyGuard:
                 for v in variants(items[0])[1:]:
                     items.append(v)
                     labels.append(" in de-obfuscated text")
+            for gt, gwhere in glosses:
+                items.append(gt)
+                labels.append(gwhere)
             s = self.classifier.score(items, cfg.categories)
             score = s.p_harm
             threshold = self.classifier.threshold(cfg.categories)

@@ -98,6 +98,8 @@ def decode_payloads(text: str, encodings: tuple[str, ...] | list[str] = ("base64
     if "hex" in encodings:
         for m in _HEX.finditer(text):
             digits = re.sub(r"[\s:]", "", m.group(0))
+            if digits.isdigit():
+                continue  # a card, phone or record number: hex of a sentence has a-f digits (j-o, z, ".", "?")
             if len(digits) % 2:
                 digits = digits[:-1]
             try:
