@@ -71,7 +71,8 @@ def test_zero2_lora_trains_publishes_resumes_and_prunes(ray_local, tmp_path, tin
     from transformers import AutoModelForCausalLM
 
     storage = tmp_path / "storage"
-    cfg = _cfg(tiny_model_dir, built, storage, run_name="z2", max_steps=6, save_every_steps=2, num_checkpoints_to_keep=2)
+    cfg = _cfg(tiny_model_dir, built, storage, run_name="z2", max_steps=6, save_every_steps=2, num_checkpoints_to_keep=2,
+               group_by_length=True)  # the shipped default's batching, with the CPU fast path (dropout, bf16 weights)
     summary = run(cfg)
     assert (summary["engine"], summary["zero_stage"], summary["backend"]) == ("DeepSpeedEngine", 2, "gloo")
     text = format_summary(summary)

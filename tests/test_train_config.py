@@ -46,17 +46,36 @@ def test_unknown_yaml_key_fails_loudly(tmp_path):
         config_from_args(_parse(["--config", str(yml)]))
 
 
+def test_yaml_mapping_reader_names_the_file_and_the_problem(tmp_path):
+    from medtune.fileio import read_yaml_mapping
+
+    with pytest.raises(MedtuneError, match=r"training config .*nothing\.yaml: file not found \(look in configs/\)"):
+        read_yaml_mapping(tmp_path / "nothing.yaml", "training config", "look in configs/")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: 1\n  ctx_len: 2\n")
+    with pytest.raises(MedtuneError, match=r"serving config .*bad\.yaml:2:10: invalid YAML \(mapping values"):
+        read_yaml_mapping(bad, "serving config")
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- lr: 1\n")
+    with pytest.raises(MedtuneError, match=r"list\.yaml: expected a mapping of settings at the top level, got list"):
+        read_yaml_mapping(listing, "training config")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert read_yaml_mapping(empty, "training config") == {}
+
+
 def test_validation_lists_every_problem(tmp_path):
     cfg = TrainConfig(model_name=str(tmp_path / "nomodel"), dataset_dir=str(tmp_path / "nodata"), num_devices=0,
                       batch_size_per_device=0, learning_rate=5.0, mx="fp16", stop_perplexity=0.5,
-                      ds_config=str(tmp_path / "missing.json"), resume=str(tmp_path / "nockpt"), run_name="../escape")
+                      ds_config=str(tmp_path / "missing.json"), resume=str(tmp_path / "nockpt"), run_name="../escape",
+                      packing=True, group_by_length=True, attn_implementation="flash_attention_2")
     problems = validate_config(cfg, gpu_available=False)
     text = "\n".join(problems)
     for expected in ("num_devices = 0", "batch_size_per_device = 0", "learning_rate = 5.0", "fp16 needs a GPU",
                      "stop_perplexity = 0.5", "not a built dataset", "no config.json", "missing.json: file not found",
-                     "not a published checkpoint", "escape"):
+                     "not a published checkpoint", "escape", "packing and group_by_length", "flash_attention_2 needs a GPU"):
         assert expected in text, expected
-    assert len(problems) >= 10
+    assert len(problems) >= 12
 
 
 def test_every_shipped_yaml_loads_and_validates_its_shape():
@@ -99,6 +118,43 @@ def test_packing_places_every_example_once_within_ctx_len():
     assert sorted(i for (i,) in unpacked) == list(range(len(lengths)))
     assert unpacked == plan_sequences(lengths, 128, packing=False, seed=1, epoch=0)
     assert unpacked != plan_sequences(lengths, 128, packing=False, seed=1, epoch=1), "each epoch reshuffles"
+
+
+def test_group_by_length_batches_similar_lengths_and_keeps_every_example_once():
+    import random
+
+    rng = random.Random(3)
+    lengths = [rng.randint(20, 500) for _ in range(203)]
+    group = 8  # examples per micro-batch across all workers
+    plan = plan_sequences(lengths, 512, packing=False, seed=1, epoch=0, group=group)
+    assert sorted(i for (i,) in plan) == list(range(len(lengths)))
+    assert plan == plan_sequences(lengths, 512, packing=False, seed=1, epoch=0, group=group)
+    assert plan != plan_sequences(lengths, 512, packing=False, seed=1, epoch=1, group=group), "each epoch reshuffles"
+    micros = [[lengths[i] for (i,) in plan[k:k + group]] for k in range(0, len(plan), group)]
+    assert len(micros[-1]) == len(lengths) % group, "the short remainder comes last, where the loop drops it"
+    full = micros[:-1]
+
+    def padding(batches):  # padded positions when each micro-batch pads to its longest
+        return sum(max(b) * len(b) - sum(b) for b in batches)
+
+    shuffled = [[lengths[i] for (i,) in plan_sequences(lengths, 512, False, 1, 0)[k:k + group]] for k in range(0, 200, group)]
+    assert padding(full) < 0.2 * padding(shuffled), (padding(full), padding(shuffled))
+    firsts = [b[0] for b in full]
+    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True), "micro-batch order stays random"
+
+
+def test_answer_loss_keeps_the_mask_of_a_left_padded_batch(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from medtune.training.loop import answer_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    batch = {"input_ids": torch.tensor([[0, 0, 1, 10, 11, 12], [1, 5, 6, 7, 8, 9]]),
+             "attention_mask": torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]),
+             "labels": torch.tensor([[-100, -100, -100, -100, 11, 12], [-100, -100, -100, 7, 8, 9]])}
+    reference = model(**batch).loss
+    assert torch.allclose(answer_loss(model, batch), reference, atol=1e-6)
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():

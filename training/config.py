@@ -15,10 +15,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medtune.errors import MedtuneError
+from medtune.fileio import read_yaml_mapping
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -57,6 +57,13 @@ class TrainConfig(BaseModel):
     lora_dropout: float = Field(default=0.05, description="LoRA dropout.")
     lora_target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_LORA_TARGETS), description="Module names LoRA wraps.")
     packing: bool = Field(default=False, description="Pack several short examples into each sequence (less padding).")
+    group_by_length: bool = Field(
+        default=False,
+        description="Batch examples of similar length together (little padding, no cross-example attention); the batches' order stays random.",
+    )
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field(
+        default="auto", description="Attention kernel: auto = eager on CPU (faster to train there), sdpa on GPU.",
+    )
     grad_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
     resume: str = Field(default="auto", description="auto = continue this run from its LATEST; never; or a checkpoint path.")
     seed: int = Field(default=42, description="Seed for init, shuffling and dropout.")
@@ -93,6 +100,7 @@ FLAGS: dict[str, tuple[tuple[str, ...], type | None]] = {
     "resume": (("--resume",), str),
     "seed": (("--seed",), int),
     "max_failures": (("--max-failures",), int),
+    "attn_implementation": (("--attn-implementation",), str),
 }
 
 
@@ -105,6 +113,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["choices"] = ["no", "fp16", "bf16"]
         if name == "use_gpu":
             kwargs["choices"] = ["auto", "true", "false"]
+        if name == "attn_implementation":
+            kwargs["choices"] = ["auto", "eager", "sdpa", "flash_attention_2"]
         parser.add_argument(*aliases, type=typ, **kwargs)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--lora", dest="lora", action="store_const", const=True, default=None, help="LoRA adapters (default)")
@@ -113,20 +123,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated module names for LoRA (default: all attention and MLP projections)")
     parser.add_argument("--packing", dest="packing", action="store_const", const=True, default=None,
                         help=TrainConfig.model_fields["packing"].description)
+    parser.add_argument("--group-by-length", dest="group_by_length", action="store_const", const=True, default=None,
+                        help=TrainConfig.model_fields["group_by_length"].description)
     parser.add_argument("--grad-checkpointing", dest="grad_checkpointing", action="store_const", const=True, default=None,
                         help=TrainConfig.model_fields["grad_checkpointing"].description)
 
 
 def load_yaml(path: str | Path) -> dict:
     path = shipped_path(path)
-    if not path.is_file():
-        raise MedtuneError(f"--config {path}: file not found (shipped configs are in {CONFIG_DIR})")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise MedtuneError(f"{path}: invalid YAML ({err})") from None
-    if not isinstance(data, dict):
-        raise MedtuneError(f"{path}: expected a mapping of settings at the top level")
+    data = read_yaml_mapping(path, "training config", f"--config takes a YAML file; the shipped ones are in {CONFIG_DIR}")
     data.setdefault("config_name", path.stem)
     return data
 
@@ -149,7 +154,7 @@ def build_config(values: dict, where: str = "config") -> TrainConfig:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = load_yaml(args.config) if args.config else {}
-    for name in [*FLAGS, "lora", "packing", "grad_checkpointing", "lora_target_modules"]:
+    for name in [*FLAGS, "lora", "packing", "group_by_length", "grad_checkpointing", "lora_target_modules"]:
         value = getattr(args, name, None)
         if value is None:
             continue
@@ -208,9 +213,13 @@ def validate_config(cfg: TrainConfig, gpu_available: bool | None = None) -> list
             f"LoRA settings r={cfg.lora_r}, alpha={cfg.lora_alpha}, dropout={cfg.lora_dropout}, "
             f"targets={cfg.lora_target_modules}: need r >= 1, alpha >= 1, 0 <= dropout < 1 and at least one target"
         )
+    if cfg.packing and cfg.group_by_length:
+        problems.append("packing and group_by_length are two ways to cut padding: choose one")
     if gpu_available is None:
         gpu_available = _cuda_available()
     wants_gpu = cfg.use_gpu == "true" or (cfg.use_gpu == "auto" and gpu_available)
+    if cfg.attn_implementation == "flash_attention_2" and not wants_gpu:
+        problems.append("attn_implementation = flash_attention_2 needs a GPU; use auto, eager or sdpa on CPU")
     if cfg.mx == "fp16" and not wants_gpu:
         problems.append("mx = fp16 needs a GPU; on CPU use --mx bf16 (autocast) or --mx no")
     if cfg.use_gpu == "true" and not gpu_available and not os.environ.get("RAY_ADDRESS"):

@@ -86,18 +86,36 @@ def _auto_paths(d, prefix=""):
 # --------------------------------------------------------------------------- data
 
 
-def plan_sequences(lengths: list[int], ctx_len: int, packing: bool, seed: int, epoch: int) -> list[list[int]]:
+def plan_sequences(
+    lengths: list[int], ctx_len: int, packing: bool, seed: int, epoch: int, group: int = 0
+) -> list[list[int]]:
     """The epoch's sequences as lists of example indices, in a seeded order.
 
     Without packing each sequence is one example. With packing, examples are shuffled and then
     placed first-fit-decreasing into bins of at most ctx_len tokens, which removes almost all
     padding; attention still spans a bin (no per-example masking), as in plain packing.
+
+    `group` > 0 (group by length, without packing): consecutive runs of `group` sequences (one
+    micro-batch across all workers) hold examples of similar length, so padding almost vanishes
+    and every worker gets a similar amount of work. As in the HF Trainer's `group_by_length`,
+    the shuffled examples are cut into mega-batches of 32 micro-batches, each sorted by length
+    and split into micro-batches, whose order is then shuffled again (a short remainder stays at
+    the end, where the loop drops it).
     """
     rng = random.Random(seed * 1000 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
     if not packing:
-        return [[i] for i in order]
+        if group <= 0:
+            return [[i] for i in order]
+        mega = group * 32
+        micros: list[list[int]] = []
+        for start in range(0, len(order), mega):
+            chunk = sorted(order[start:start + mega], key=lambda i: -lengths[i])
+            micros += [chunk[k:k + group] for k in range(0, len(chunk), group)]
+        rest = micros.pop() if micros and len(micros[-1]) < group else []  # a short last one stays last
+        rng.shuffle(micros)
+        return [[i] for micro in [*micros, rest] for i in micro]
     bins: list[list[int]] = []
     room: list[int] = []
     for i in sorted(order, key=lambda i: -min(lengths[i], ctx_len)):
@@ -148,17 +166,24 @@ def answer_loss(causal_lm, batch: dict, reduction: str = "mean"):
     PubMedQA most tokens are prompt. Running the decoder body, selecting the positions whose next
     token is an answer token, and applying the output head to those alone gives the same loss and
     gradients with far less work and memory. Models with logit soft-capping use the plain path.
+
+    A right-padded batch (every built batch) needs no attention mask: under causal attention a
+    real token never sees the padding after it, and padded positions carry no loss. Leaving the
+    mask out lets attention take its mask-free causal path.
     """
     import torch.nn.functional as F
 
     from medtune.training.build import IGNORE_INDEX
 
+    mask = batch["attention_mask"]
+    if mask is not None and bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        mask = None  # right padding only (ones, then zeros, in every row)
     if getattr(causal_lm.config, "final_logit_softcapping", None):
-        logits = causal_lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        logits = causal_lm(input_ids=batch["input_ids"], attention_mask=mask).logits[:, :-1]
         labels = batch["labels"][:, 1:]
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction=reduction)
-    hidden = causal_lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = causal_lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
     logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
@@ -234,7 +259,8 @@ def train_loop_per_worker(config: dict) -> None:  # noqa: C901 - one readable re
     train_ds = built["train"]
     eval_ds = built["test"] if "test" in built else None
     lengths = [len(x) for x in train_ds["input_ids"]]
-    micro_per_epoch = len(plan_sequences(lengths, cfg.ctx_len, cfg.packing, cfg.seed, 0)) // (cfg.batch_size_per_device * world)
+    group = cfg.batch_size_per_device * world if cfg.group_by_length else 0
+    micro_per_epoch = len(plan_sequences(lengths, cfg.ctx_len, cfg.packing, cfg.seed, 0, group)) // (cfg.batch_size_per_device * world)
     steps_per_epoch = micro_per_epoch // cfg.grad_accum
     if steps_per_epoch < 1:
         raise MedtuneError(
@@ -258,7 +284,8 @@ def train_loop_per_worker(config: dict) -> None:  # noqa: C901 - one readable re
 
         dschf = HfDeepSpeedConfig(ds_cfg)  # noqa: F841 - must stay alive: makes from_pretrained partition (zero.Init)
     load_dtype = torch.bfloat16 if (use_gpu and cfg.mx == "bf16") else torch.float16 if cfg.mx == "fp16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(cfg.model_name, dtype=load_dtype, token=hf_token())
+    attn = cfg.attn_implementation if cfg.attn_implementation != "auto" else ("sdpa" if use_gpu else "eager")
+    model = AutoModelForCausalLM.from_pretrained(cfg.model_name, dtype=load_dtype, token=hf_token(), attn_implementation=attn)
     added_tokens = len(tok) > model.get_input_embeddings().weight.shape[0] if stage != 3 else len(tok) > model.config.vocab_size
     if added_tokens:
         model.resize_token_embeddings(len(tok))
@@ -277,6 +304,12 @@ def train_loop_per_worker(config: dict) -> None:  # noqa: C901 - one readable re
             modules_to_save=["embed_tokens", "lm_head"] if added_tokens else None,
         )
         model = get_peft_model(model, lcfg)
+        if not use_gpu:
+            from medtune.training.dropout import use_fast_lora_dropout
+
+            use_fast_lora_dropout(model)
+            if cfg.mx == "bf16" and stage != 3:
+                frozen_linear_to_bf16(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainable)
     n_total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
@@ -416,7 +449,7 @@ def train_loop_per_worker(config: dict) -> None:  # noqa: C901 - one readable re
     loss = None
     run_start = time.perf_counter()
     while pos.step < total_steps and pos.epoch < epochs_needed and not stopped_early:
-        plan = plan_sequences(lengths, cfg.ctx_len, cfg.packing, cfg.seed, pos.epoch)
+        plan = plan_sequences(lengths, cfg.ctx_len, cfg.packing, cfg.seed, pos.epoch, group)
         per_micro = cfg.batch_size_per_device * world
         while pos.micro < micro_per_epoch and pos.step < total_steps:
             start = pos.micro * per_micro + rank * cfg.batch_size_per_device
@@ -506,6 +539,28 @@ def train_loop_per_worker(config: dict) -> None:  # noqa: C901 - one readable re
         with atomic_write(rdir / "summary.json") as fh:
             fh.write(json.dumps(summary, indent=2) + "\n")
     dist.barrier()
+
+
+def frozen_linear_to_bf16(model) -> int:
+    """Store the frozen weights of linear layers in bf16 (CPU LoRA under bf16 autocast).
+
+    Autocast casts every fp32 linear weight to bf16 on each forward, so storing the frozen ones
+    in bf16 gives bit-identical matmuls without the casts (and half the memory). Norms,
+    embeddings (and an output head tied to them) and the trainable LoRA weights stay fp32.
+    Returns how many weights were cast."""
+    import torch
+
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    cast = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (isinstance(module, torch.nn.Linear) and not weight.requires_grad and weight.dtype == torch.float32
+                and id(weight) not in embedding_ids):
+            module.weight.data = weight.data.to(torch.bfloat16)
+            if module.bias is not None and not module.bias.requires_grad:
+                module.bias.data = module.bias.data.to(torch.bfloat16)
+            cast += 1
+    return cast
 
 
 def check_saved_weights(ckpt_dir: Path, lora: bool, expected_numel: int) -> None:
