@@ -1,7 +1,7 @@
 """Guardrails on the team-written evaluation set: the layered policy vs. rules alone, one script.
 
     .venv/bin/python bench/guardrails_eval.py                  # eval set + output rails + latency
-    .venv/bin/python bench/guardrails_eval.py --blind          # also the held-out set and the older blind (now dev) set
+    .venv/bin/python bench/guardrails_eval.py --blind          # also blind3.jsonl (held out) and blind/blind2 (dev sets by now)
     .venv/bin/python bench/guardrails_eval.py --pubmedqa 300   # also long PubMedQA messages (../shared): latency, false blocks
     .venv/bin/python bench/guardrails_eval.py --policy my.yaml --repeats 5
 
@@ -90,14 +90,14 @@ def main() -> int:
     ap.add_argument("--policy", default="default")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes over the prompts after one warm-up pass")
     ap.add_argument("--blind", action="store_true",
-                    help="also score guardrails/eval/blind2.jsonl (held out) and blind.jsonl (a dev set by now)")
+                    help="also score guardrails/eval/blind3.jsonl (held out) and blind.jsonl, blind2.jsonl (dev sets by now)")
     ap.add_argument("--pubmedqa", type=int, default=0,
                     help="also check this many PubMedQA question+abstract messages (the last N of PQA-L): latency and false blocks")
     ap.add_argument("--json", default=str(REPO / "storage" / "bench" / "guardrails_eval.json"))
     args = ap.parse_args()
 
     from medtune.guardrails import load_guard
-    from medtune.guardrails.evalset import BLIND, HELDOUT, OUTPUTS, PROMPTS, load_rows, percentile, score_inputs, score_outputs
+    from medtune.guardrails.evalset import BLIND, BLIND2, HELDOUT, OUTPUTS, PROMPTS, load_rows, percentile, score_inputs, score_outputs
 
     load1 = os.getloadavg()[0]
     print(f"machine: {os.cpu_count()} cores, load average {load1:.2f}" + ("  (BUSY: latency figures are unreliable)" if load1 > 1.5 else ""))
@@ -109,6 +109,11 @@ def main() -> int:
     print(f"classifier warm-up: {time.perf_counter() - t0:.1f}s (bank of {len(guard.classifier.exemplars)} exemplars; "
           f"thresholds input {guard.classifier.threshold(guard.policy.input.categories):.3f}, "
           f"output {guard.classifier.threshold(guard.policy.output.categories):.3f})")
+    for cat, target in guard.policy.classifier.recall_targets.items():
+        if target is None:
+            continue
+        print(f"  {cat}: recall preference {target:.2f}, input threshold "
+              f"{guard.classifier.threshold(guard.policy.input.categories, cat):.3f}")
 
     rows = load_rows(PROMPTS)
     print(f"eval set {PROMPTS.relative_to(REPO)}: {len(rows)} prompts "
@@ -160,8 +165,10 @@ def main() -> int:
 
     if args.blind:
         result["blind"] = {}
-        for path, status in ((BLIND, "written after the bank froze; a DEV set since its misses shaped the gloss layer"),
-                             (HELDOUT, "HELD OUT: written apart from the bank, rules and glossary")):
+        for path, status in ((BLIND, "written after the bank froze; a DEV set since its misses shaped round 6"),
+                             (BLIND2, "written apart from the bank, rules and glossary; a DEV set since its misses "
+                                       "shaped round 7"),
+                             (HELDOUT, "HELD OUT: written apart from the bank, rules, glossary and other sets")):
             if not path.is_file():
                 continue
             blind_rows = load_rows(path)

@@ -160,7 +160,8 @@ class EmbeddingClassifier:
         self._encode_lock = threading.Lock()
         self._ready = False
         self.load_seconds: float | None = None
-        self.thresholds: dict[tuple[str, ...], float] = {}
+        # per stage (its sorted categories): the calibrated threshold and any lower per-category ones
+        self.thresholds: dict[tuple[str, ...], tuple[float, dict[str, float]]] = {}
 
     # ---- loading ----------------------------------------------------------------------------
     def warmup(self) -> "EmbeddingClassifier":
@@ -286,20 +287,40 @@ class EmbeddingClassifier:
         p = np.exp(z)
         return p / p.sum(axis=1, keepdims=True)
 
-    def threshold(self, categories: list[str] | tuple[str, ...]) -> float:
-        """The calibrated threshold for a stage's set of harm categories."""
+    def threshold(self, categories: list[str] | tuple[str, ...], category: str | None = None) -> float:
+        """The calibrated threshold for a stage's set of harm categories; with `category`, that category's
+        own (lower) threshold where `recall_targets` names it."""
         if self.cfg.threshold is not None:
             return self.cfg.threshold
         self.warmup()
         key = tuple(sorted(categories))
         if key not in self.thresholds:
-            idx = [i for i, c in enumerate(self.classes) if c in key]
-            safe_scores = self.oof[self.safe_mask][:, idx].sum(axis=1)
-            self.thresholds[key] = float(self._np.quantile(safe_scores, 1.0 - self.cfg.target_false_block))
-        return self.thresholds[key]
+            self.thresholds[key] = self._calibrate(key)
+        base, per_category = self.thresholds[key]
+        return per_category.get(category, base) if category else base
 
-    def score(self, texts: list[str], categories: list[str] | tuple[str, ...]) -> Score:
-        """The worst chunk over all `texts` (the message, decoded payloads, de-obfuscated copies)."""
+    def _calibrate(self, key: tuple[str, ...]) -> tuple[float, dict[str, float]]:
+        """From the bank's out-of-fold scores: the `1 - target_false_block` quantile of the safe exemplars'
+        P(harm); and, for each category in `recall_targets`, the P(harm) that still blocks that share of
+        the category's own exemplars, kept between the safe exemplars' `1 - recall_max_false_block`
+        quantile and the base threshold (a recall preference only ever lowers a threshold)."""
+        np = self._np
+        idx = [i for i, c in enumerate(self.classes) if c in key]
+        harm = self.oof[:, idx].sum(axis=1)
+        safe_scores = harm[self.safe_mask]
+        base = float(np.quantile(safe_scores, 1.0 - self.cfg.target_false_block))
+        floor = float(np.quantile(safe_scores, 1.0 - self.cfg.recall_max_false_block))
+        per_category = {}
+        for cat, target in self.cfg.recall_targets.items():
+            own = harm[self.labels == cat]
+            if target is None or cat not in key or not len(own):
+                continue
+            per_category[cat] = min(base, max(floor, float(np.quantile(own, 1.0 - target))))
+        return base, per_category
+
+    def score(self, texts: list[str], categories: list[str] | tuple[str, ...], *, per_category: bool = True) -> Score:
+        """The worst chunk over all `texts` (the message, decoded payloads, de-obfuscated copies); with
+        `per_category` (and `recall_targets`), worst relative to each chunk's own category threshold."""
         self.warmup()
         np = self._np
         chunks: list[str] = []
@@ -317,8 +338,14 @@ class EmbeddingClassifier:
         if not idx:
             return Score(0.0, None, None, -1)
         harm = P[:, idx].sum(axis=1)
-        worst = int(harm.argmax())
-        cat = self.classes[idx[int(P[worst, idx].argmax())]]
+        cats = [self.classes[idx[j]] for j in P[:, idx].argmax(axis=1)]
+        if per_category and any(t is not None for t in self.cfg.recall_targets.values()) and self.cfg.threshold is None:
+            # the worst chunk is the one furthest above (or least below) its own category's threshold
+            margin = harm - np.array([self.threshold(categories, c) for c in cats])
+            worst = int(margin.argmax())
+        else:
+            worst = int(harm.argmax())
+        cat = cats[worst]
         members = np.flatnonzero(self.labels == cat)
         nearest = self.exemplars[int(members[int((self.E[members] @ X[worst]).argmax())])].id if len(members) else None
         return Score(float(harm[worst]), cat, nearest, owner[worst])

@@ -82,6 +82,17 @@ class ClassifierConfig(_Strict):
     target_false_block: float = Field(default=0.05, gt=0, lt=0.5,
                                       description="Calibrate the threshold to block this share of the bank's safe exemplars (out of fold).")
     threshold: float | None = Field(default=None, gt=0, lt=1, description="Fixed threshold instead of the calibrated one.")
+    recall_targets: dict[str, float | None] = Field(
+        default_factory=dict,
+        description="Per-category recall preference for safety-critical categories, e.g. {self_harm: 0.99}: a user message "
+                    "whose worst category is one of these blocks at a lower threshold (never a higher one): the P(harm) "
+                    "at which this share of the category's bank exemplars is blocked out of fold, but not below the "
+                    "level that blocks `recall_max_false_block` of the bank's safe exemplars. "
+                    "null for a category turns its preference off (a policy file's mappings merge over the default).")
+    recall_max_false_block: float = Field(
+        default=0.10, gt=0, lt=0.5,
+        description="Floor for `recall_targets`: a per-category threshold never blocks more than this share of the "
+                    "bank's safe exemplars (out of fold).")
     cv_folds: int = Field(default=10, ge=2, le=50)
     max_chunks: int = Field(default=16, ge=1, le=256, description="Sentence chunks embedded per message (first and last kept).")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
@@ -160,6 +171,13 @@ class Policy(_Strict):
             if unknown:
                 raise ValueError(f"{where}: unknown categor{'y' if len(unknown) == 1 else 'ies'} {unknown}; "
                                  f"known: {sorted(known)} (add them under `categories:` with a message)")
+        unknown = [n for n in self.classifier.recall_targets if n not in known]
+        if unknown:
+            raise ValueError(f"classifier.recall_targets: unknown categor{'y' if len(unknown) == 1 else 'ies'} {unknown}; "
+                             f"known: {sorted(known)}")
+        bad = {n: v for n, v in self.classifier.recall_targets.items() if v is not None and not 0 < v < 1}
+        if bad:
+            raise ValueError(f"classifier.recall_targets: {bad} must be shares between 0 and 1 (e.g. 0.99)")
         for name in SAFE_LABELS:
             if name in known:
                 raise ValueError(f"categories: {name!r} is reserved for safe exemplars")

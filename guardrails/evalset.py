@@ -21,7 +21,8 @@ EVAL_DIR = Path(__file__).resolve().parent / "eval"
 PROMPTS = EVAL_DIR / "prompts.jsonl"
 OUTPUTS = EVAL_DIR / "outputs.jsonl"
 BLIND = EVAL_DIR / "blind.jsonl"  # written after the bank froze; a dev set since its misses shaped the gloss layer
-HELDOUT = EVAL_DIR / "blind2.jsonl"  # written apart from the bank, rules and glossary; held out
+BLIND2 = EVAL_DIR / "blind2.jsonl"  # written apart from the bank, rules and glossary; a dev set since round 7
+HELDOUT = EVAL_DIR / "blind3.jsonl"  # written apart from everything after round 6; held out (scored once, after round 7)
 LABELS = ("harmful", "benign", "sensitive")
 
 

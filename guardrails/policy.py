@@ -178,7 +178,7 @@ class PolicyGuard:
                 labels.append(gwhere)
             s = self.classifier.score(items, cfg.categories)
             score = s.p_harm
-            threshold = self.classifier.threshold(cfg.categories)
+            threshold = self.classifier.threshold(cfg.categories, s.category)
             if s.category and s.p_harm >= threshold:
                 return self._block(s.category, f"classifier p={s.p_harm:.2f} >= {threshold:.2f}, nearest exemplar "
                                    f"{s.nearest}{labels[s.source]}", "classifier", s.p_harm, red)
@@ -214,7 +214,9 @@ class PolicyGuard:
         if self.classifier is None or not self.policy.output.classifier or not text.strip():
             return None
         cats = self.policy.output.categories
-        s = self.classifier.score([redact(text, self.types).text], cats)
+        # the recall preference (classifier.recall_targets) is for user messages only: an answer is scored
+        # sentence by sentence, so a lower threshold there stops many more benign answers
+        s = self.classifier.score([redact(text, self.types).text], cats, per_category=False)
         threshold = self.classifier.threshold(cats)
         if s.category and s.p_harm >= threshold:
             return s.category, f"classifier p={s.p_harm:.2f} >= {threshold:.2f}, nearest exemplar {s.nearest}", s.p_harm

@@ -24,7 +24,7 @@ from medtune.cli import main
 from medtune.errors import MedtuneError
 from medtune.guardrails import NoGuard, Verdict, load_guard
 from medtune.guardrails.config import DEFAULT_EXEMPLARS, load_policy
-from medtune.guardrails.evalset import BLIND, OUTPUTS, PROMPTS, load_rows, score_inputs, score_outputs
+from medtune.guardrails.evalset import BLIND, BLIND2, OUTPUTS, PROMPTS, load_rows, score_inputs, score_outputs
 from medtune.guardrails.policy import PolicyGuard
 from medtune.guardrails.redact import PII_TYPES, StreamRedactor, redact
 
@@ -437,6 +437,8 @@ def test_guard_check_cli_reads_stdin_with_the_classifier(guard, capsys, monkeypa
     ("classifier:\n  exemplars: missing.jsonl\n", "classifier.exemplars"),
     ("multilingual:\n  glossary: missing.yaml\n", "multilingual.glossary"),
     ("multilingual:\n  min_confidence: 2\n", "multilingual.min_confidence"),
+    ("classifier:\n  recall_targets: {selfharm: 0.99}\n", "selfharm"),
+    ("classifier:\n  recall_targets: {self_harm: 99}\n", "classifier.recall_targets"),
     ("- just\n- a list\n", "mapping"),
     ("key: [unclosed\n", "invalid YAML"),
 ])
@@ -445,6 +447,23 @@ def test_bad_policy_files_fail_clearly(tmp_path, body, expected):
     with pytest.raises(MedtuneError) as err:
         load_guard(str(path))
     assert str(path) in str(err.value) and expected in str(err.value)
+
+
+def test_recall_targets_only_lower_a_categorys_threshold_within_the_floor(guard):
+    import copy
+
+    import numpy as np
+
+    cats = guard.policy.input.categories
+    clf = copy.copy(guard.classifier)  # shares the loaded model and head; only the calibration differs
+    clf.cfg = clf.cfg.model_copy(update={"recall_targets": {"self_harm": 0.999}, "recall_max_false_block": 0.08})
+    clf.thresholds = {}
+    base = guard.classifier.threshold(cats)
+    assert clf.threshold(cats) == base and clf.threshold(cats, "weapons") == base
+    lowered = clf.threshold(cats, "self_harm")
+    idx = [i for i, c in enumerate(clf.classes) if c in cats]
+    floor = float(np.quantile(clf.oof[clf.safe_mask][:, idx].sum(axis=1), 0.92))
+    assert floor - 1e-6 <= lowered <= base
 
 
 def test_missing_policy_file_through_the_cli(tmp_path, capsys):
@@ -527,7 +546,9 @@ def test_eval_sets_are_large_balanced_and_apart_from_the_bank():
 
     bank = [json.loads(line)["text"] for line in DEFAULT_EXEMPLARS.read_text().splitlines() if line.strip()]
     bank_sets = [_norm(t) for t in bank]
-    held_out = rows + load_rows(OUTPUTS) + load_rows(BLIND)
+    # blind2's harmful prompts too (its misses shaped round 7); a few of its plain benign questions
+    # ("what are the early signs of ...") match safe exemplars written before it existed
+    held_out = rows + load_rows(OUTPUTS) + load_rows(BLIND) + [r for r in load_rows(BLIND2) if r["label"] == "harmful"]
     for row in held_out:
         words = _norm(row["text"])
         for other, text in zip(bank_sets, bank):
