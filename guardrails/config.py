@@ -183,21 +183,20 @@ class Policy(_Strict):
                 raise ValueError(f"categories: {name!r} is reserved for safe exemplars")
         return self
 
-    def exemplars_path(self) -> Path:
-        if self.classifier.exemplars is None:
-            return DEFAULT_EXEMPLARS
-        path = Path(os.path.expanduser(self.classifier.exemplars))
+    def _file(self, setting: str | None, default: Path) -> Path:
+        """A file the policy names: `default` when unset; a relative path is read beside the policy."""
+        if setting is None:
+            return default
+        path = Path(os.path.expanduser(setting))
         if not path.is_absolute() and self.source:
             path = Path(self.source).parent / path
         return path
 
+    def exemplars_path(self) -> Path:
+        return self._file(self.classifier.exemplars, DEFAULT_EXEMPLARS)
+
     def glossary_path(self) -> Path:
-        if self.multilingual.glossary is None:
-            return DEFAULT_GLOSSARY
-        path = Path(os.path.expanduser(self.multilingual.glossary))
-        if not path.is_absolute() and self.source:
-            path = Path(self.source).parent / path
-        return path
+        return self._file(self.multilingual.glossary, DEFAULT_GLOSSARY)
 
     def audit_path(self) -> str | None:
         env = os.environ.get("MEDTUNE_GUARD_AUDIT")

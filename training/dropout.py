@@ -41,6 +41,13 @@ def drop_positions(n: int, p: float) -> torch.Tensor:
     return pos[: int(torch.searchsorted(pos, n))]
 
 
+def _scaled_and_dropped(t: torch.Tensor, dtype: torch.dtype, scale: float, pos: torch.Tensor) -> torch.Tensor:
+    """A contiguous `dtype` copy of `t` times `scale`, zero at the flat indices `pos`."""
+    out = t.to(dtype, copy=True, memory_format=torch.contiguous_format).mul_(scale)
+    out.view(-1).index_fill_(0, pos, 0)
+    return out
+
+
 class _DropoutFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float, out_dtype: torch.dtype) -> torch.Tensor:
@@ -48,16 +55,12 @@ class _DropoutFn(torch.autograd.Function):
         scale = 1.0 / (1.0 - p)
         ctx.save_for_backward(pos)
         ctx.scale, ctx.in_dtype = scale, x.dtype
-        out = x.to(out_dtype, copy=True, memory_format=torch.contiguous_format).mul_(scale)
-        out.view(-1).index_fill_(0, pos, 0)
-        return out
+        return _scaled_and_dropped(x, out_dtype, scale, pos)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (pos,) = ctx.saved_tensors
-        out = grad.to(ctx.in_dtype, copy=True, memory_format=torch.contiguous_format).mul_(ctx.scale)
-        out.view(-1).index_fill_(0, pos, 0)
-        return out, None, None
+        return _scaled_and_dropped(grad, ctx.in_dtype, ctx.scale, pos), None, None
 
 
 class FastDropout(nn.Module):
