@@ -50,6 +50,7 @@ def _cfg(tiny_model_dir, built, storage, **kw) -> TrainConfig:
         model_name=str(tiny_model_dir), dataset_dir=str(built), output_dir=str(storage), num_devices=2,
         batch_size_per_device=4, eval_batch_size_per_device=8, ctx_len=128, learning_rate=5e-3,
         warmup_ratio=0.0, ds_config=str(DS / "zero_2.json"), log_every_steps=1, peak_tflops=1.0,
+        compile=False,  # compiling the norms costs each worker seconds; test_zero2_... turns it on
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -72,7 +73,7 @@ def test_zero2_lora_trains_publishes_resumes_and_prunes(ray_local, tmp_path, tin
 
     storage = tmp_path / "storage"
     cfg = _cfg(tiny_model_dir, built, storage, run_name="z2", max_steps=6, save_every_steps=2, num_checkpoints_to_keep=2,
-               group_by_length=True)  # the shipped default's batching, with the CPU fast path (dropout, bf16 weights)
+               group_by_length=True, compile=True)  # the shipped default's batching and CPU fast path (compiled norms too)
     summary = run(cfg)
     assert (summary["engine"], summary["zero_stage"], summary["backend"]) == ("DeepSpeedEngine", 2, "gloo")
     text = format_summary(summary)

@@ -37,6 +37,9 @@ def test_seed_flags_and_short_forms_override_yaml(tmp_path):
     # The seed's underscore spellings work too.
     cfg = config_from_args(_parse(["--model_name", "m", "--dataset_dir", "d", "--num_devices", "4", "--grad_accum", "2"]))
     assert (cfg.num_devices, cfg.grad_accum) == (4, 2)
+    assert (cfg.compile, cfg.attn_implementation) == (True, "auto")
+    cfg = config_from_args(_parse(["-mn", "m", "--data", "d", "--no-compile", "--attn-implementation", "medtune_cpu"]))
+    assert (cfg.compile, cfg.attn_implementation) == (False, "medtune_cpu")
 
 
 def test_unknown_yaml_key_fails_loudly(tmp_path):

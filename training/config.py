@@ -61,8 +61,12 @@ class TrainConfig(BaseModel):
         default=False,
         description="Batch examples of similar length together (little padding, no cross-example attention); the batches' order stays random.",
     )
-    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field(
-        default="auto", description="Attention kernel: auto = eager on CPU (faster to train there), sdpa on GPU.",
+    attn_implementation: Literal["auto", "medtune_cpu", "eager", "sdpa", "flash_attention_2"] = Field(
+        default="auto", description="Attention kernel: auto = medtune_cpu on CPU (the fast path's grouped-query attention), sdpa on GPU.",
+    )
+    compile: bool = Field(
+        default=True,
+        description="On the CPU bf16 fast path, torch.compile the RMSNorms (falls back to eager if compiling fails); --no-compile skips it.",
     )
     grad_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
     resume: str = Field(default="auto", description="auto = continue this run from its LATEST; never; or a checkpoint path.")
@@ -114,7 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if name == "use_gpu":
             kwargs["choices"] = ["auto", "true", "false"]
         if name == "attn_implementation":
-            kwargs["choices"] = ["auto", "eager", "sdpa", "flash_attention_2"]
+            kwargs["choices"] = ["auto", "medtune_cpu", "eager", "sdpa", "flash_attention_2"]
         parser.add_argument(*aliases, type=typ, **kwargs)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--lora", dest="lora", action="store_const", const=True, default=None, help="LoRA adapters (default)")
@@ -125,6 +129,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=TrainConfig.model_fields["packing"].description)
     parser.add_argument("--group-by-length", dest="group_by_length", action="store_const", const=True, default=None,
                         help=TrainConfig.model_fields["group_by_length"].description)
+    parser.add_argument("--no-compile", dest="compile", action="store_const", const=False, default=None,
+                        help=TrainConfig.model_fields["compile"].description)
     parser.add_argument("--grad-checkpointing", dest="grad_checkpointing", action="store_const", const=True, default=None,
                         help=TrainConfig.model_fields["grad_checkpointing"].description)
 
@@ -154,7 +160,7 @@ def build_config(values: dict, where: str = "config") -> TrainConfig:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = load_yaml(args.config) if args.config else {}
-    for name in [*FLAGS, "lora", "packing", "group_by_length", "grad_checkpointing", "lora_target_modules"]:
+    for name in [*FLAGS, "lora", "packing", "group_by_length", "grad_checkpointing", "compile", "lora_target_modules"]:
         value = getattr(args, name, None)
         if value is None:
             continue

@@ -227,6 +227,7 @@ def train_loop_per_worker(config: dict) -> None:  # noqa: C901 - one readable re
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from medtune.training import cpu_fast
     from medtune.training.build import IGNORE_INDEX, load_built
     from medtune.training.models import hf_token
     from medtune.training.monitor import NetMonitor, body_params, measure_peak_tflops, model_flops_per_token
@@ -284,7 +285,9 @@ def train_loop_per_worker(config: dict) -> None:  # noqa: C901 - one readable re
 
         dschf = HfDeepSpeedConfig(ds_cfg)  # noqa: F841 - must stay alive: makes from_pretrained partition (zero.Init)
     load_dtype = torch.bfloat16 if (use_gpu and cfg.mx == "bf16") else torch.float16 if cfg.mx == "fp16" else torch.float32
-    attn = cfg.attn_implementation if cfg.attn_implementation != "auto" else ("sdpa" if use_gpu else "eager")
+    attn = cfg.attn_implementation if cfg.attn_implementation != "auto" else ("sdpa" if use_gpu else cpu_fast.ATTENTION)
+    if attn == cpu_fast.ATTENTION:
+        cpu_fast.register_attention()
     model = AutoModelForCausalLM.from_pretrained(cfg.model_name, dtype=load_dtype, token=hf_token(), attn_implementation=attn)
     added_tokens = len(tok) > model.get_input_embeddings().weight.shape[0] if stage != 3 else len(tok) > model.config.vocab_size
     if added_tokens:
@@ -304,12 +307,18 @@ def train_loop_per_worker(config: dict) -> None:  # noqa: C901 - one readable re
             modules_to_save=["embed_tokens", "lm_head"] if added_tokens else None,
         )
         model = get_peft_model(model, lcfg)
-        if not use_gpu:
+        if not use_gpu:  # the CPU fast path (training/cpu_fast.py); ZeRO-3 keeps weights partitioned, so not there
             from medtune.training.dropout import use_fast_lora_dropout
 
-            use_fast_lora_dropout(model)
-            if cfg.mx == "bf16" and stage != 3:
-                frozen_linear_to_bf16(model)
+            use_fast_lora_dropout(model)  # for any LoRA layer the fused forward leaves to PEFT
+            if stage != 3:
+                if cfg.mx == "bf16":
+                    frozen_linear_to_bf16(model)
+                    cpu_fast.bf16_tied_head(model.get_base_model())
+                cpu_fast.fuse_lora_layers(model)
+    if not use_gpu and cfg.mx == "bf16":
+        cpu_fast.bf16_norm_outputs(model, compile=cfg.compile)
+        cpu_fast.bf16_rotary(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainable)
     n_total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
