@@ -175,7 +175,14 @@ def test_compiled_norm_matches_eager_and_falls_back_when_compiling_fails(monkeyp
         assert norms[1](x).dtype == torch.float32  # untouched outside the fast path
 
     def broken(*args, **kwargs):
-        raise RuntimeError("no C++ compiler")
+        raise RuntimeError("the compiler crashed")
+
+    no_compiler = cpu_fast.Compiled(lambda t: t * 3)
+    with monkeypatch.context() as m, caplog.at_level("WARNING"):
+        m.setattr(cpu_fast.shutil, "which", lambda name: None)
+        m.setattr(torch, "compile", broken)  # must not even be tried
+        assert torch.equal(no_compiler(torch.ones(2)), torch.full((2,), 3.0)) and no_compiler.failed
+    assert "no C++ compiler" in caplog.text
 
     fallback = cpu_fast.Compiled(lambda t: t * 2)
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)

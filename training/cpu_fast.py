@@ -31,6 +31,7 @@ of whole decoder layers measured slower here. GPU training never takes this path
 from __future__ import annotations
 
 import logging
+import shutil
 import types
 
 import torch
@@ -56,6 +57,12 @@ class Compiled:
         if self.failed:
             return self.fn(*args)
         if self.compiled is None:
+            # inductor builds C++ for CPU, the backward lazily (where a failure would not be caught
+            # here): without a compiler on PATH, do not start
+            if not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+                self.failed = True
+                log.warning("no C++ compiler on PATH (g++, c++ or clang++): %s runs eagerly", self.fn.__name__)
+                return self.fn(*args)
             self.compiled = torch.compile(self.fn, dynamic=True)
         try:
             return self.compiled(*args)
