@@ -135,7 +135,7 @@ def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if name is None or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return type(self).forward(self, x, *args, **kwargs)
     p = getattr(self.lora_dropout[name], "p", 0.0) if self.training else 0.0
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    dtype = _compute_dtype(x)
     return _LoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                              p, self.scaling[name], dtype)
 
@@ -164,7 +164,7 @@ _rms_norm_compiled = Compiled(_rms_norm)
 
 
 def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    out_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden_states.dtype
+    out_dtype = _compute_dtype(hidden_states)
     fn = _rms_norm_compiled if getattr(self, "_medtune_compile", False) else _rms_norm
     return fn(hidden_states, self.weight, self.variance_epsilon, out_dtype)
 
