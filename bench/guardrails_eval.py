@@ -1,7 +1,7 @@
 """Guardrails on the team-written evaluation set: the layered policy vs. rules alone, one script.
 
     .venv/bin/python bench/guardrails_eval.py                  # eval set + output rails + latency
-    .venv/bin/python bench/guardrails_eval.py --blind          # also blind3.jsonl (held out) and blind/blind2 (dev sets by now)
+    .venv/bin/python bench/guardrails_eval.py --blind          # also the held-out set, eval/blind4.jsonl
     .venv/bin/python bench/guardrails_eval.py --pubmedqa 300   # also long PubMedQA messages (../shared): latency, false blocks
     .venv/bin/python bench/guardrails_eval.py --policy my.yaml --repeats 5
 
@@ -85,19 +85,72 @@ def pubmedqa_messages(limit: int) -> list[str]:
     return out
 
 
+def dev_leave_one_set_out(policy: str, sets=("blind", "blind2", "blind3")) -> dict:
+    """The bank holds the earlier blind sets (their misses shaped rounds 6-8). For each, fit the head on
+    the bank without that set's rows and score them: recall and false blocks on paraphrases the
+    bank has not seen, an estimate from development data (the held-out set is the real measure)."""
+    import tempfile
+
+    from medtune.guardrails import load_guard
+    from medtune.guardrails.config import SAFE_LABELS, load_policy
+    from medtune.guardrails.evalset import score_inputs
+
+    import yaml
+
+    pol_obj = load_policy(None if policy == "default" else policy)
+    bank_path = pol_obj.exemplars_path()
+    bank = [json.loads(line) for line in bank_path.read_text().splitlines() if line.strip()]
+    totals = {"harmful": 0, "missed": 0, "benign": 0, "sensitive": 0, "fb_benign": 0, "fb_sensitive": 0}
+    print(f"\ndevelopment estimate, leave one set out ({bank_path.name}; each set is a dev set, not held out):")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in sets:
+            mine = [r for r in bank if r["id"].startswith(name + "-")]
+            if not mine:
+                continue
+            rest = Path(tmp) / f"bank_without_{name}.jsonl"
+            rest.write_text("".join(json.dumps(r) + "\n" for r in bank if not r["id"].startswith(name + "-")))
+            # the policy as given, with its bank swapped and its other files by absolute path
+            doc = {} if policy == "default" else (yaml.safe_load(Path(policy).read_text()) or {})
+            doc.setdefault("classifier", {})["exemplars"] = str(rest)
+            doc.setdefault("multilingual", {})["glossary"] = str(pol_obj.glossary_path())
+            pol = Path(tmp) / f"policy_{name}.yaml"
+            pol.write_text(yaml.safe_dump(doc))
+            rows = [{"id": r["id"], "text": r["text"], "label": r["label"] if r["label"] in SAFE_LABELS else "harmful",
+                     "category": None if r["label"] in SAFE_LABELS else r["label"]} for r in mine]
+            res = score_inputs(load_guard(str(pol)).warmup(), rows)
+            n = {k: sum(r["label"] == k for r in rows) for k in ("harmful", "benign", "sensitive")}
+            fb = {k: sum(1 for i in res["false_blocks"] if i in {r["id"] for r in rows if r["label"] == k})
+                  for k in ("benign", "sensitive")}
+            print(f"  {name}: recall {n['harmful'] - len(res['missed'])}/{n['harmful']}, false blocks "
+                  f"{fb['benign']}/{n['benign']} benign, {fb['sensitive']}/{n['sensitive']} sensitive")
+            totals["harmful"] += n["harmful"]
+            totals["missed"] += len(res["missed"])
+            for k in ("benign", "sensitive"):
+                totals[k] += n[k]
+                totals[f"fb_{k}"] += fb[k]
+    if totals["harmful"]:
+        print(f"  all: recall {pct(1 - totals['missed'] / totals['harmful'])}, false blocks "
+              f"{pct(totals['fb_benign'] / max(1, totals['benign']))} benign, "
+              f"{pct(totals['fb_sensitive'] / max(1, totals['sensitive']))} sensitive")
+    return totals
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policy", default="default")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes over the prompts after one warm-up pass")
     ap.add_argument("--blind", action="store_true",
-                    help="also score guardrails/eval/blind3.jsonl (held out) and blind.jsonl, blind2.jsonl (dev sets by now)")
+                    help="also score the held-out set guardrails/eval/blind4.jsonl (earlier blind sets are in the bank since round 8)")
+    ap.add_argument("--dev-loso", action="store_true",
+                    help="also the development estimate: for each earlier blind set in the bank (ids blind-, blind2-, "
+                         "blind3-), refit without its rows and score them (leave one set out)")
     ap.add_argument("--pubmedqa", type=int, default=0,
                     help="also check this many PubMedQA question+abstract messages (the last N of PQA-L): latency and false blocks")
     ap.add_argument("--json", default=str(REPO / "storage" / "bench" / "guardrails_eval.json"))
     args = ap.parse_args()
 
     from medtune.guardrails import load_guard
-    from medtune.guardrails.evalset import BLIND, BLIND2, HELDOUT, OUTPUTS, PROMPTS, load_rows, percentile, score_inputs, score_outputs
+    from medtune.guardrails.evalset import HELDOUT, OUTPUTS, PROMPTS, load_rows, percentile, score_inputs, score_outputs
 
     load1 = os.getloadavg()[0]
     print(f"machine: {os.cpu_count()} cores, load average {load1:.2f}" + ("  (BUSY: latency figures are unreliable)" if load1 > 1.5 else ""))
@@ -165,10 +218,7 @@ def main() -> int:
 
     if args.blind:
         result["blind"] = {}
-        for path, status in ((BLIND, "written after the bank froze; a DEV set since its misses shaped round 6"),
-                             (BLIND2, "written apart from the bank, rules and glossary; a DEV set since its misses "
-                                       "shaped round 7"),
-                             (HELDOUT, "HELD OUT: written apart from the bank, rules, glossary and other sets")):
+        for path, status in ((HELDOUT, "HELD OUT: written apart from the bank, rules, glossary and other sets"),):
             if not path.is_file():
                 continue
             blind_rows = load_rows(path)
@@ -182,6 +232,9 @@ def main() -> int:
             print("  layered misses: " + ("; ".join(f"{i}" for i in bl["missed"]) or "none"))
             print("  layered false blocks: " + ("; ".join(bl["false_blocks"]) or "none"))
             result["blind"][path.stem] = {"rules_only": bb, "layered": bl}
+
+    if args.dev_loso:
+        result["dev_loso"] = dev_leave_one_set_out(args.policy)
 
     print("\ntargets (layered policy, eval set):")
     results = check_targets(layered, outputs, layered["latency_ms"]["p99"])

@@ -318,6 +318,16 @@ class EmbeddingClassifier:
             per_category[cat] = min(base, max(floor, float(np.quantile(own, 1.0 - target))))
         return base, per_category
 
+    def _support(self, X, categories):
+        """Per chunk: 1 where at least `support_min` of its `support_k` nearest bank exemplars carry one of
+        `categories`, else the share of `support_min` found (0 with none)."""
+        np = self._np
+        k = min(self.cfg.support_k, len(self.exemplars))
+        sims = X @ self.E.T
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        found = np.isin(self.labels, list(categories))[top].sum(axis=1)
+        return np.minimum(1.0, found / self.cfg.support_min).astype(np.float32)
+
     def score(self, texts: list[str], categories: list[str] | tuple[str, ...], *, per_category: bool = True) -> Score:
         """The worst chunk over all `texts` (the message, decoded payloads, de-obfuscated copies); with
         `per_category` (and `recall_targets`), worst relative to each chunk's own category threshold."""
@@ -338,6 +348,8 @@ class EmbeddingClassifier:
         if not idx:
             return Score(0.0, None, None, -1)
         harm = P[:, idx].sum(axis=1)
+        if self.cfg.support_k:
+            harm = harm * self._support(X, categories)
         cats = [self.classes[idx[j]] for j in P[:, idx].argmax(axis=1)]
         if per_category and any(t is not None for t in self.cfg.recall_targets.values()) and self.cfg.threshold is None:
             # the worst chunk is the one furthest above (or least below) its own category's threshold

@@ -93,6 +93,13 @@ class ClassifierConfig(_Strict):
         default=0.10, gt=0, lt=0.5,
         description="Floor for `recall_targets`: a per-category threshold never blocks more than this share of the "
                     "bank's safe exemplars (out of fold).")
+    support_k: int | None = Field(
+        default=None, ge=1, le=100,
+        description="Require local evidence for a block: a chunk whose `support_k` nearest bank exemplars hold fewer "
+                    "than `support_min` of the stage's harm categories has its P(harm) scaled by the share found "
+                    "(none: 0). A linear head can score text far from all of its data with confidence; this keeps "
+                    "such text from being blocked on extrapolation alone. null turns it off.")
+    support_min: int = Field(default=1, ge=1, le=100, description="See `support_k`.")
     cv_folds: int = Field(default=10, ge=2, le=50)
     max_chunks: int = Field(default=16, ge=1, le=256, description="Sentence chunks embedded per message (first and last kept).")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
