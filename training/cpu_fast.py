@@ -37,7 +37,7 @@ import types
 import torch
 from torch import nn
 
-from medtune.training.dropout import drop_positions
+from medtune.training.dropout import compute_dtype, drop_positions
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,6 @@ class Compiled:
             log.warning("torch.compile of %s failed (%s: %s); running it eagerly", self.fn.__name__,
                         type(err).__name__, str(err).splitlines()[0] if str(err) else "")
             return self.fn(*args)
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else t.dtype
 
 
 def _plain_lora(layer) -> str | None:
@@ -135,7 +131,7 @@ def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if name is None or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return type(self).forward(self, x, *args, **kwargs)
     p = getattr(self.lora_dropout[name], "p", 0.0) if self.training else 0.0
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     return _LoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                              p, self.scaling[name], dtype)
 
@@ -164,7 +160,7 @@ _rms_norm_compiled = Compiled(_rms_norm)
 
 
 def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    out_dtype = _compute_dtype(hidden_states)
+    out_dtype = compute_dtype(hidden_states)
     fn = _rms_norm_compiled if getattr(self, "_medtune_compile", False) else _rms_norm
     return fn(hidden_states, self.weight, self.variance_epsilon, out_dtype)
 
@@ -232,7 +228,7 @@ def cpu_attention(module, query, key, value, attention_mask, scaling, dropout=0.
     boolean mask of `sdpa_mask` (True = attend), or None for plain causal attention."""
     b, hq, s = query.shape[:3]
     hk, t = key.shape[1], key.shape[2]
-    dtype = _compute_dtype(query)
+    dtype = compute_dtype(query)
     if attention_mask is None:
         bias = _causal(hq // hk, s, t, dtype, query.device)
     else:

@@ -26,6 +26,11 @@ import torch
 from torch import nn
 
 
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a CPU op on `t` computes in: the autocast dtype under CPU autocast, else t's own."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else t.dtype
+
+
 def drop_positions(n: int, p: float) -> torch.Tensor:
     """Sorted flat indices in [0, n) where a Bernoulli(p) mask drops, each independently with
     probability p (see the module docstring)."""
@@ -77,8 +82,7 @@ class FastDropout(nn.Module):
             return x
         if x.device.type != "cpu":
             return nn.functional.dropout(x, self.p, training=True)
-        out_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        return _DropoutFn.apply(x, self.p, out_dtype)
+        return _DropoutFn.apply(x, self.p, compute_dtype(x))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
