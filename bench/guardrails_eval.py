@@ -1,7 +1,7 @@
 """Guardrails on the team-written evaluation set: the layered policy vs. rules alone, one script.
 
     .venv/bin/python bench/guardrails_eval.py                  # eval set + output rails + latency
-    .venv/bin/python bench/guardrails_eval.py --blind          # also the held-out set, eval/blind4.jsonl
+    .venv/bin/python bench/guardrails_eval.py --blind          # also the held-out sets, eval/blind4.jsonl and blind5.jsonl
     .venv/bin/python bench/guardrails_eval.py --pubmedqa 300   # also long PubMedQA messages (../shared): latency, false blocks
     .venv/bin/python bench/guardrails_eval.py --policy my.yaml --repeats 5
 
@@ -140,7 +140,7 @@ def main() -> int:
     ap.add_argument("--policy", default="default")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes over the prompts after one warm-up pass")
     ap.add_argument("--blind", action="store_true",
-                    help="also score the held-out set guardrails/eval/blind4.jsonl (earlier blind sets are in the bank since round 8)")
+                    help="also score the held-out sets guardrails/eval/blind4.jsonl and blind5.jsonl (earlier blind sets are in the bank since round 8)")
     ap.add_argument("--dev-loso", action="store_true",
                     help="also the development estimate: for each earlier blind set in the bank (ids blind-, blind2-, "
                          "blind3-), refit without its rows and score them (leave one set out)")
@@ -218,13 +218,15 @@ def main() -> int:
 
     if args.blind:
         result["blind"] = {}
-        for path, status in ((HELDOUT, "HELD OUT: written apart from the bank, rules, glossary and other sets"),):
-            if not path.is_file():
-                continue
-            blind_rows = load_rows(path)
+        status = "HELD OUT: written apart from the bank, rules, glossary and other sets"
+        sets = [(p, load_rows(p)) for p in HELDOUT if p.is_file()]
+        if len(sets) > 1:
+            sets.append((Path("guardrails/eval/blind4+5 (together)"), [r for _, rows in sets for r in rows]))
+        for path, blind_rows in sets:
             bb = score_inputs(guard, blind_rows, use_classifier=False)
             bl = score_inputs(guard, blind_rows, use_classifier=True)
-            print(f"\n{path.relative_to(REPO)} ({len(blind_rows)} prompts; {status}):")
+            name = path.relative_to(REPO) if path.is_absolute() else path
+            print(f"\n{name} ({len(blind_rows)} prompts; {status}):")
             print_comparison(bb, bl)
             for lang, c in bl.get("by_lang", {}).items():
                 print(f"  {lang}: blocked {c['blocked']}/{c['harmful']} harmful, {c['false_blocks']}/{c['legitimate']} "

@@ -20,10 +20,10 @@ from medtune.errors import MedtuneError
 EVAL_DIR = Path(__file__).resolve().parent / "eval"
 PROMPTS = EVAL_DIR / "prompts.jsonl"
 OUTPUTS = EVAL_DIR / "outputs.jsonl"
-# Written after round 7 by an author who read nothing of the guardrails; scored once, after round 8
-# froze. (The earlier blind sets, blind..blind3, became development sets as their misses shaped
-# rounds 6-8, and since round 8 they are part of the exemplar bank, ids "blind*-".)
-HELDOUT = EVAL_DIR / "blind4.jsonl"
+# Written after round 8 froze by two authors who read nothing of the guardrails (nor each other's
+# set); scored once. (The earlier blind sets, blind..blind3, became development sets as their misses
+# shaped rounds 6-8, and since round 8 they are part of the exemplar bank, ids "blind*-".)
+HELDOUT = (EVAL_DIR / "blind4.jsonl", EVAL_DIR / "blind5.jsonl")
 LABELS = ("harmful", "benign", "sensitive")
 
 

@@ -572,11 +572,11 @@ def test_eval_sets_are_large_balanced_and_apart_from_the_bank():
 
     bank = [json.loads(line)["text"] for line in DEFAULT_EXEMPLARS.read_text().splitlines() if line.strip()]
     bank_sets = [_norm(t) for t in bank]
-    # and the held-out set's harmful prompts (a few plain benign questions, "what are the early signs
-    # of ...", may match safe exemplars written independently)
+    # and the held-out sets (their authors wrote independently, yet plain questions converge: rows
+    # within this distance of a bank row were removed from them before they were scored)
     held_out = rows + load_rows(OUTPUTS)
-    if HELDOUT.is_file():
-        held_out += [r for r in load_rows(HELDOUT) if r["label"] == "harmful"]
+    for path in HELDOUT:
+        held_out += load_rows(path)
     for row in held_out:
         words = _norm(row["text"])
         for other, text in zip(bank_sets, bank):
