@@ -219,13 +219,13 @@ def main() -> int:
     if args.blind:
         result["blind"] = {}
         status = "HELD OUT: written apart from the bank, rules, glossary and other sets"
-        sets = [(p, load_rows(p)) for p in HELDOUT if p.is_file()]
+        sets = [(str(p.relative_to(REPO)), p.stem, load_rows(p)) for p in HELDOUT if p.is_file()]
         if len(sets) > 1:
-            sets.append((Path("guardrails/eval/blind4+5 (together)"), [r for _, rows in sets for r in rows]))
-        for path, blind_rows in sets:
+            sets.append((" + ".join(key for _, key, _ in sets) + " together", "+".join(key for _, key, _ in sets),
+                         [r for _, _, rows in sets for r in rows]))
+        for name, key, blind_rows in sets:
             bb = score_inputs(guard, blind_rows, use_classifier=False)
             bl = score_inputs(guard, blind_rows, use_classifier=True)
-            name = path.relative_to(REPO) if path.is_absolute() else path
             print(f"\n{name} ({len(blind_rows)} prompts; {status}):")
             print_comparison(bb, bl)
             for lang, c in bl.get("by_lang", {}).items():
@@ -233,7 +233,7 @@ def main() -> int:
                       "benign or sensitive")
             print("  layered misses: " + ("; ".join(f"{i}" for i in bl["missed"]) or "none"))
             print("  layered false blocks: " + ("; ".join(bl["false_blocks"]) or "none"))
-            result["blind"][path.stem] = {"rules_only": bb, "layered": bl}
+            result["blind"][key] = {"rules_only": bb, "layered": bl}
 
     if args.dev_loso:
         result["dev_loso"] = dev_leave_one_set_out(args.policy)
