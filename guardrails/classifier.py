@@ -43,6 +43,12 @@ class Exemplar:
     label: str
     kind: str
     text: str
+    group: str = ""  # rows from one source (the chunks of one abstract) share a cross-validation fold
+
+    @property
+    def research(self) -> bool:
+        """Research text written for the domain (questions, abstract prose, requests about a study)."""
+        return self.kind.startswith("research")
 
 
 def load_exemplars(path: Path, categories: list[str] | set[str]) -> list[Exemplar]:
@@ -72,7 +78,8 @@ def load_exemplars(path: Path, categories: list[str] | set[str]) -> list[Exempla
             raise MedtuneError(f"exemplar bank {path}:{n}: duplicate id {ex_id!r}")
         seen.add(ex_id)
         # placeholders read as the classifier will see redacted messages
-        out.append(Exemplar(ex_id, label, str(row.get("kind", "request")), strip_placeholders(row["text"].strip())))
+        out.append(Exemplar(ex_id, label, str(row.get("kind", "request")), strip_placeholders(row["text"].strip()),
+                            str(row.get("group") or ex_id)))
     labels = {e.label for e in out}
     if not labels & set(SAFE_LABELS) or not labels - set(SAFE_LABELS):
         raise MedtuneError(f"exemplar bank {path}: needs exemplars of at least one harm category and of benign/sensitive")
@@ -82,8 +89,8 @@ def load_exemplars(path: Path, categories: list[str] | set[str]) -> list[Exempla
 def split_chunks(text: str, max_chunks: int, min_words: int = 16, max_words: int = 48) -> list[str]:
     """A message of up to `max_words` words is one chunk (most questions: one encoder pass). A
     longer one is cut into sentence-sized pieces (short sentences merged with the next, long ones
-    split), so one harmful sentence in a long context is not diluted; past `max_chunks` pieces the
-    first and last halves are kept."""
+    split), so one harmful sentence in a long context is not diluted; past `max_chunks` pieces
+    neighbours are merged, and none is dropped."""
     words_all = text.split()
     if len(words_all) <= max_words:
         return [" ".join(words_all)] if words_all else []
@@ -103,9 +110,13 @@ def split_chunks(text: str, max_chunks: int, min_words: int = 16, max_words: int
             pieces[-1] = pieces[-1] + " " + " ".join(buf)
         else:
             pieces.append(" ".join(buf))
-    if len(pieces) > max_chunks:
-        half = max_chunks // 2
-        pieces = pieces[:half] + pieces[-(max_chunks - half):]
+    # Past `max_chunks`, neighbouring pieces are merged (up to about what the encoder reads, 256 word pieces)
+    # rather than any being dropped: nothing in the middle of a long request goes unread.
+    while len(pieces) > max_chunks:
+        merged = [" ".join(pieces[i:i + 2]) for i in range(0, len(pieces), 2)]
+        if max(len(p.split()) for p in merged) > 2 * max_words + min_words:
+            break
+        pieces = merged
     return pieces
 
 
@@ -188,14 +199,14 @@ class EmbeddingClassifier:
         self.model = SentenceTransformer(str(model_dir), device="cpu", model_kwargs={"dtype": getattr(torch, dtype)})
         self.model.eval()
 
-        bank_bytes = json.dumps([[e.id, e.label, e.text] for e in self.exemplars]).encode()
+        bank_bytes = json.dumps([[e.id, e.label, e.kind, e.group, e.text] for e in self.exemplars]).encode()
         # the model's identity for the cache key: its config and the sizes of its weight files
         ident = [str(model_dir)] + [f"{f.name}:{f.stat().st_size}" for f in sorted(model_dir.glob("*.safetensors"))]
         if (model_dir / "config.json").is_file():
             ident.append((model_dir / "config.json").read_text(errors="ignore"))
         model_id = hashlib.sha256("|".join(ident).encode()).hexdigest()
         emb_key = hashlib.sha256(model_id.encode() + dtype.encode() + bank_bytes).hexdigest()[:20]
-        head_key = hashlib.sha256(f"{emb_key}|{self.cfg.head}|{self.cfg.C}|{self.cfg.cv_folds}".encode()).hexdigest()[:20]
+        head_key = hashlib.sha256(f"{emb_key}|{self.cfg.head}|{self.cfg.C}|{self.cfg.cv_folds}|grouped".encode()).hexdigest()[:20]
         cache = _cache_dir(self.policy)
 
         emb_file = cache / f"bank-{emb_key}.npy"
@@ -215,6 +226,7 @@ class EmbeddingClassifier:
         self.coef, self.intercept, self.oof = head["coef"], head["intercept"], head["oof"]
         self.labels = np.array([e.label for e in self.exemplars])
         self.safe_mask = np.isin(self.labels, list(SAFE_LABELS))
+        self.research_mask = np.array([e.research for e in self.exemplars])
         self.load_seconds = time.perf_counter() - t0
         # one tiny encode so the first real message does not pay for lazy initialisation
         self._embed(["warm up"])
@@ -224,13 +236,15 @@ class EmbeddingClassifier:
     def _fit_head(self, E):
         np = self._np
         from sklearn.linear_model import LogisticRegression
-        from sklearn.model_selection import StratifiedKFold, cross_val_predict
+        from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 
         y = np.array([SAFE if e.label in SAFE_LABELS else e.label for e in self.exemplars])
-        log.info("guardrails: fitting the classifier head (%d-fold calibration)", self.cfg.cv_folds)
+        groups = np.array([e.group for e in self.exemplars])
+        log.info("guardrails: fitting the classifier head (%d-fold grouped calibration)", self.cfg.cv_folds)
         make = lambda: LogisticRegression(C=self.cfg.C, max_iter=5000, class_weight="balanced")  # noqa: E731
-        folds = StratifiedKFold(n_splits=self.cfg.cv_folds, shuffle=True, random_state=0)
-        oof = cross_val_predict(make(), E, y, cv=folds, method="predict_proba")
+        # grouped: the chunks of one abstract never score each other (they would make out-of-fold optimistic)
+        folds = StratifiedGroupKFold(n_splits=self.cfg.cv_folds, shuffle=True, random_state=0)
+        oof = cross_val_predict(make(), E, y, groups=groups, cv=folds, method="predict_proba")
         clf = make().fit(E, y)
         return {"classes": np.array(clf.classes_), "coef": clf.coef_.astype(np.float32),
                 "intercept": clf.intercept_.astype(np.float32), "oof": oof.astype(np.float32)}
@@ -307,9 +321,15 @@ class EmbeddingClassifier:
         np = self._np
         idx = [i for i, c in enumerate(self.classes) if c in key]
         harm = self.oof[:, idx].sum(axis=1)
-        safe_scores = harm[self.safe_mask]
-        base = float(np.quantile(safe_scores, 1.0 - self.cfg.target_false_block))
-        floor = float(np.quantile(safe_scores, 1.0 - self.cfg.recall_max_false_block))
+        # The targets are shares of the *hard* safe exemplars (requests that look like harm: benign and
+        # sensitive look-alikes). Research text is far easier and far more numerous; counted in, it would
+        # drag the quantile down and block more look-alikes. It has its own, stricter target instead.
+        hard = self.safe_mask & ~self.research_mask
+        safe_scores = harm[hard] if hard.any() else harm[self.safe_mask]
+        research = harm[self.safe_mask & self.research_mask]
+        research_q = float(np.quantile(research, 1.0 - self.cfg.target_false_block_research)) if len(research) else 0.0
+        base = max(float(np.quantile(safe_scores, 1.0 - self.cfg.target_false_block)), research_q)
+        floor = max(float(np.quantile(safe_scores, 1.0 - self.cfg.recall_max_false_block)), research_q)
         per_category = {}
         for cat, target in self.cfg.recall_targets.items():
             own = harm[self.labels == cat]

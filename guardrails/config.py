@@ -23,7 +23,7 @@ DEFAULT_EXEMPLARS = POLICY_DIR / "exemplars.jsonl"
 DEFAULT_GLOSSARY = POLICY_DIR / "glossary.yaml"
 SAFE_LABELS = ("benign", "sensitive")  # exemplar labels that are not harm categories
 Encoding = Literal["base64", "hex", "rot13"]
-PiiType = Literal["EMAIL", "CARD", "SSN", "PHONE", "MRN", "DOB", "ADDRESS"]
+PiiType = Literal["EMAIL", "CARD", "IBAN", "SSN", "ID", "DOB", "MRN", "PASSPORT", "PHONE", "IP", "ADDRESS", "NAME"]
 
 
 class _Strict(BaseModel):
@@ -52,6 +52,11 @@ class StageConfig(_Strict):
 class InputConfig(StageConfig):
     decode: list[Encoding] = Field(default_factory=lambda: ["base64", "hex", "rot13"],
                                    description="Encodings whose payloads are decoded and checked too.")
+    segment: bool = Field(default=True, description="Tell the request from pasted documents (segment.py): harm is "
+                                                    "decided on the request; documents are checked only for "
+                                                    "`document_categories`. false: the whole message is the request.")
+    document_categories: list[str] = Field(default_factory=lambda: ["prompt_injection"],
+                                           description="Categories whose rules also run on pasted documents.")
 
 
 class DisclaimerConfig(_Strict):
@@ -68,7 +73,7 @@ class OutputConfig(StageConfig):
 
 
 class RedactionConfig(_Strict):
-    types: list[PiiType] = Field(default_factory=lambda: ["EMAIL", "CARD", "SSN", "PHONE", "MRN", "DOB", "ADDRESS"])
+    types: list[PiiType] = Field(default_factory=lambda: list(PiiType.__args__))
 
 
 class ClassifierConfig(_Strict):
@@ -81,6 +86,10 @@ class ClassifierConfig(_Strict):
     C: float = Field(default=32.0, gt=0, description="Inverse regularisation of the logistic head.")
     target_false_block: float = Field(default=0.05, gt=0, lt=0.5,
                                       description="Calibrate the threshold to block this share of the bank's safe exemplars (out of fold).")
+    target_false_block_research: float = Field(
+        default=0.005, gt=0, lt=0.5,
+        description="And never block more than this share of the bank's research text (exemplars of kind research_*: "
+                    "study questions, abstract prose, requests about a study), out of fold; the higher threshold wins.")
     threshold: float | None = Field(default=None, gt=0, lt=1, description="Fixed threshold instead of the calibrated one.")
     recall_targets: dict[str, float | None] = Field(
         default_factory=dict,
@@ -101,7 +110,7 @@ class ClassifierConfig(_Strict):
                     "such text from being blocked on extrapolation alone. null turns it off.")
     support_min: int = Field(default=1, ge=1, le=100, description="See `support_k`.")
     cv_folds: int = Field(default=10, ge=2, le=50)
-    max_chunks: int = Field(default=16, ge=1, le=256, description="Sentence chunks embedded per message (first and last kept).")
+    max_chunks: int = Field(default=16, ge=1, le=256, description="Sentence chunks embedded per message; past it neighbours are merged, none dropped.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         default="auto", description="auto: bfloat16 where the CPU has AMX or AVX512-BF16 (faster, same verdicts), else float32.")
     threads: int | None = Field(
@@ -173,6 +182,7 @@ class Policy(_Strict):
     def _known_categories(self) -> "Policy":
         known = set(self.categories)
         for where, names in (("input.categories", self.input.categories), ("output.categories", self.output.categories),
+                             ("input.document_categories", self.input.document_categories),
                              ("rules", list(self.rules)), ("output_rules", list(self.output_rules))):
             unknown = [n for n in names if n not in known]
             if unknown:

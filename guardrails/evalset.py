@@ -24,6 +24,10 @@ OUTPUTS = EVAL_DIR / "outputs.jsonl"
 # set); scored once. (The earlier blind sets, blind..blind3, became development sets as their misses
 # shaped rounds 6-8, and since round 8 they are part of the exemplar bank, ids "blind*-".)
 HELDOUT = (EVAL_DIR / "blind4.jsonl", EVAL_DIR / "blind5.jsonl")
+# Round 9 (request/document separation, domain negatives, new redaction): written by two more authors and a PII
+# author who read nothing of the project, after the round froze; scored once (README, "Measured").
+FRESH = (EVAL_DIR / "blind6.jsonl", EVAL_DIR / "blind7.jsonl")
+PII_FRESH = EVAL_DIR / "pii_blind.jsonl"
 LABELS = ("harmful", "benign", "sensitive")
 
 
@@ -40,6 +44,25 @@ def load_rows(path: Path) -> list[dict]:
             raise MedtuneError(f"{path}:{n}: needs `text` and `label` in {LABELS}")
         if row["label"] == "harmful" and not row.get("category"):
             raise MedtuneError(f"{path}:{n}: a harmful row needs its `category`")
+        rows.append(row)
+    return rows
+
+
+def load_rows_pii(path: Path) -> list[dict]:
+    """A PII set: `{"id", "text", "pii": [{"type", "value"}], "keep": [strings]}` per line; every value and
+    every keep string must occur in its text."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise MedtuneError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+        text = row.get("text")
+        if not isinstance(text, str) or not all(i.get("value", "") in text for i in row.get("pii") or []) \
+                or not all(k in text for k in row.get("keep") or []):
+            raise MedtuneError(f"{path}:{n}: needs `text`, and every pii value and keep string must occur in it")
         rows.append(row)
     return rows
 
@@ -183,3 +206,42 @@ def score_outputs(guard, rows: list[dict], *, seed: int = 0) -> dict:
         "push_ms": {"p50": percentile(push_ms, 0.5), "p99": percentile(push_ms, 0.99), "n": len(push_ms)},
         "finish_ms": {"p50": percentile(finish_ms, 0.5), "p99": percentile(finish_ms, 0.99)},
     }
+
+
+def score_pii(guard, rows: list[dict]) -> dict:
+    """Messages with planted personal data (`pii`: [{type, value}]) and clinical text that must survive
+    (`keep`: [strings]): a leak is a value still in the checked text; a keep lost is a `keep` string gone
+    from it. A value replaced by a placeholder of another type is redacted, and counted as `mistyped`."""
+    from medtune.guardrails.redact import PII_TYPES
+
+    leaked, mistyped, lost = [], [], []
+    by_type: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    placeholder = re.compile(r"\[(?:" + "|".join(PII_TYPES) + r")\]")
+    redacted_clean = blocked = 0
+    latencies = []
+    for row in rows:
+        t0 = time.perf_counter()
+        d = guard.evaluate(row["text"])
+        latencies.append((time.perf_counter() - t0) * 1000)
+        blocked += d.action == "block"
+        text = "" if d.action == "block" else d.text  # a blocked message reaches nobody
+        for item in row.get("pii") or []:
+            by_type[item["type"]][1] += 1
+            if item["value"] in text:
+                leaked.append(f"{row['id']}:{item['type']}:{item['value']}")
+            else:
+                by_type[item["type"]][0] += 1
+                if f"[{item['type']}]" not in text and d.action != "block":
+                    mistyped.append(f"{row['id']}:{item['type']}")
+        for keep in row.get("keep") or []:
+            if d.action != "block" and keep not in text:
+                lost.append(f"{row['id']}:{keep}")
+        if not row.get("pii") and placeholder.search(text):
+            redacted_clean += 1
+    items = sum(n for _, n in by_type.values())
+    return {"messages": len(rows), "items": items, "leaks": len(leaked), "leaked": leaked, "mistyped": mistyped,
+            "keep_total": sum(len(r.get("keep") or []) for r in rows), "keep_lost": lost,
+            "clean_messages": sum(1 for r in rows if not r.get("pii")), "clean_redacted": redacted_clean,
+            "blocked": blocked,
+            "by_type": {t: f"{a}/{n}" for t, (a, n) in sorted(by_type.items())},
+            "latency_ms": {"p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99)}}

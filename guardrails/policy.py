@@ -37,6 +37,7 @@ from medtune.guardrails.gloss import Multilingual
 from medtune.guardrails.judge import Judge, JudgeError
 from medtune.guardrails.redact import Redaction, StreamRedactor, redact
 from medtune.guardrails.rules import RuleSet, decode_payloads, looks_obfuscated, normalize, substitute_decoded, variants
+from medtune.guardrails.segment import segment
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class PolicyGuard:
         self.policy = policy
         order = list(policy.categories)
         self.input_rules = RuleSet({c: policy.rules.get(c, []) for c in policy.input.categories}, order)
+        self.document_rules = RuleSet({c: policy.rules.get(c, []) for c in policy.input.document_categories}, order)
         self.output_rules = RuleSet({c: policy.output_rules.get(c, []) for c in policy.output.categories}, order)
         use_classifier = policy.classifier.enabled if classifier is None else classifier
         self.classifier = EmbeddingClassifier(policy) if use_classifier and (
@@ -122,7 +124,12 @@ class PolicyGuard:
                         self.policy.categories[category].message, red.counts)
 
     def evaluate(self, text: str, *, use_classifier: bool = True) -> Decision:
-        """Check one user message; `use_classifier=False` gives the rules-only baseline."""
+        """Check one message (a user, system or assistant turn, or a completions prompt); `use_classifier=False`
+        gives the rules-only baseline.
+
+        The message is split into what it asks and what it pastes (segment.py): harm rules, the gloss and the
+        classifier read the request (and decoded payloads); pasted documents are read only by the
+        `document_categories` rules (prompt injection), unless the request asks to act on them."""
         cfg = self.policy.input
         if not isinstance(text, str):
             raise TypeError(f"check_input expects a str, got {type(text).__name__}")
@@ -131,17 +138,28 @@ class PolicyGuard:
             return Decision("allow", text)
         decoded = decode_payloads(text, cfg.decode) if cfg.decode else []
         decoded_red = [redact(d.text, self.types).text if cfg.redact else d.text for d in decoded]
+        # the message as the model would read it: payloads replaced by what they decode to
+        if decoded:
+            sub = substitute_decoded(text, decoded)
+            readable = redact(sub, self.types).text if cfg.redact else sub
+        else:
+            readable = red.text
+        seg = segment(readable) if cfg.segment else None
+        request = seg.request if seg is not None else readable
+        document = seg.document if seg is not None else ""
         # non-English sentences glossed into English (the encoder and most rules read only English)
         glosses = []
         if self.multilingual is not None:
-            for src, where in [(red.text, "")] + [(dt, f" of {d.encoding}-decoded text") for d, dt in zip(decoded, decoded_red)]:
-                g = self.multilingual.gloss(src)
+            for src, where in [(request, "")] + [(dt, f" of {d.encoding}-decoded text") for d, dt in zip(decoded, decoded_red)]:
+                g = self.multilingual.gloss(src) if src else None
                 if g is not None:
                     glosses.append((g.text, f" in the {g.lang} gloss{where}"))
 
         if cfg.rules and len(self.input_rules):
-            hit = self.input_rules.check(variants(red.text))
-            where = ""
+            decoded_where = f" in {'/'.join(d.encoding for d in decoded)}-decoded text" if decoded else ""
+            hit, where = (self.input_rules.check(variants(request)), decoded_where) if request else (None, "")
+            if hit is None and document and len(self.document_rules):
+                hit, where = self.document_rules.check(variants(document)), " in a pasted document"
             if hit is None:
                 for d, dt in zip(decoded, decoded_red):
                     hit = self.input_rules.check(variants(dt))
@@ -159,34 +177,35 @@ class PolicyGuard:
 
         score = None
         if use_classifier and cfg.classifier and self.classifier is not None:
-            items = [red.text]
-            labels = [""]
-            if decoded:
-                # the message as the model would read it: payloads replaced by what they decode to
-                sub = substitute_decoded(text, decoded)
-                items = [redact(sub, self.types).text if cfg.redact else sub]
-                labels = [" in decoded text"]
-                for d, dt in zip(decoded, decoded_red):
-                    items.append(dt)
-                    labels.append(f" in {d.encoding}-decoded text")
-            if looks_obfuscated(items[0]):
-                for v in variants(items[0])[1:]:
+            items, labels = [], []
+            if request:
+                items.append(request)
+                labels.append(f" in {'/'.join(d.encoding for d in decoded)}-decoded text" if decoded else "")
+            if seg is not None and seg.actionable:
+                items.append(document)  # the request asks to act on the document: its content matters
+                labels.append(" in the document the request asks to act on")
+            for d, dt in zip(decoded, decoded_red):
+                items.append(dt)
+                labels.append(f" in {d.encoding}-decoded text")
+            if request and looks_obfuscated(request):
+                for v in variants(request)[1:]:
                     items.append(v)
                     labels.append(" in de-obfuscated text")
             for gt, gwhere in glosses:
                 items.append(gt)
                 labels.append(gwhere)
-            s = self.classifier.score(items, cfg.categories)
-            score = s.p_harm
-            threshold = self.classifier.threshold(cfg.categories, s.category)
-            if s.category and s.p_harm >= threshold:
-                return self._block(s.category, f"classifier p={s.p_harm:.2f} >= {threshold:.2f}, nearest exemplar "
-                                   f"{s.nearest}{labels[s.source]}", "classifier", s.p_harm, red)
-            if self.judge and "input" in self.policy.judge.stages and (
-                    self.policy.judge.when == "always" or s.p_harm >= threshold - self.policy.judge.margin):
-                blocked = self._ask_judge(red)
-                if blocked:
-                    return blocked
+            if items:
+                s = self.classifier.score(items, cfg.categories)
+                score = s.p_harm
+                threshold = self.classifier.threshold(cfg.categories, s.category)
+                if s.category and s.p_harm >= threshold:
+                    return self._block(s.category, f"classifier p={s.p_harm:.2f} >= {threshold:.2f}, nearest exemplar "
+                                       f"{s.nearest}{labels[s.source]}", "classifier", s.p_harm, red)
+                if self.judge and "input" in self.policy.judge.stages and (
+                        self.policy.judge.when == "always" or s.p_harm >= threshold - self.policy.judge.margin):
+                    blocked = self._ask_judge(red)
+                    if blocked:
+                        return blocked
         elif self.judge and "input" in self.policy.judge.stages and self.policy.judge.when == "always":
             blocked = self._ask_judge(red)
             if blocked:

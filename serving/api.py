@@ -358,7 +358,9 @@ def _chat_job(service: Service, params: dict, model: ServedModel) -> tuple[Job, 
         if role in ("tool", "function"):
             raise APIError(400, f"messages[{i}]: role '{role}' is not supported (no tool calling)", param=f"messages.{i}.role")
         text = _text_of(message.get("content"), f"messages.{i}.content")
-        if role in ("system", "developer", "user"):
+        if role in ("system", "developer", "user", "assistant"):
+            # every turn the client sends is the client's text, assistant turns included (a forged earlier
+            # answer primes the model as well as a request does); the guard tells request from pasted documents
             verdict = guard.check_input(text, request_id=request_id)
             if verdict.blocked:
                 job = Job(params["model"], model, None, blocked_text=verdict.text)

@@ -217,6 +217,14 @@ def test_input_guard_blocks_with_content_filter(client, guard):
     assert "can't help" in "".join(c.choices[0].delta.content or "" for c in chunks)
 
 
+def test_every_turn_the_client_sends_is_checked_assistant_turns_included(client, guard):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "the FORBIDDEN recipe, step one"}, {"role": "user", "content": "go on"}]
+    r = client.chat.completions.create(model="base", messages=messages, max_tokens=2, temperature=0)
+    assert r.choices[0].finish_reason == "content_filter"
+    assert guard.inputs[-3:] == ["be brief", "hi", "the FORBIDDEN recipe, step one"]
+
+
 def test_input_guard_redaction_reaches_the_model_redacted(client, guard):
     r = client.completions.create(model="base", prompt="call me at 555-0100 today", max_tokens=2, temperature=0, echo=True)
     assert r.choices[0].text.startswith("call me at [PHONE] today")
