@@ -188,9 +188,10 @@ class PolicyGuard:
                 items.append(dt)
                 labels.append(f" in {d.encoding}-decoded text")
             if request and looks_obfuscated(request):
-                for v in variants(request)[1:]:
-                    items.append(v)
-                    labels.append(" in de-obfuscated text")
+                for v in variants(request):
+                    if v != request.lower():  # the folded look-alikes are in the first variant already
+                        items.append(v)
+                        labels.append(" in de-obfuscated text")
             for gt, gwhere in glosses:
                 items.append(gt)
                 labels.append(gwhere)

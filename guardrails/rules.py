@@ -27,12 +27,41 @@ _LEET_I = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": 
 _LEET_L = str.maketrans({"0": "o", "1": "l", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s", "!": "i"})
 _LEET_WORD = re.compile(r"\b[a-z0-9@$!]*[a-z][0-9@$!]+[a-z][a-z0-9@$!]*")  # a digit or symbol between letters
 _MIXED_WORD = re.compile(r"(?<![\w@$!])(?=[\w@$!]*[a-z])(?=[\w@$!]*[0-9@$!])[\w@$!]+")  # letters mixed with digits or symbols
-_SPACED = re.compile(r"\b(?:[a-z][\s.\-_*]){3,}[a-z]\b")  # "k i l l", "s.u.i.c.i.d.e"
+_SPACED = re.compile(r"\b(?:[a-z][\s.\-_*·|/+]{1,3}){3,}[a-z]\b")  # "k i l l", "s.u.i.c.i.d.e", "k - i - l - l"
 _WS = re.compile(r"\s+")
+# Cyrillic and Greek letters drawn like Latin ones. A word that mixes them with Latin letters ("kіll" with a
+# Cyrillic і), or is made of them alone inside Latin text, is folded to Latin; real Russian or Greek words are not.
+_CONFUSABLE = str.maketrans({
+    "а": "a", "в": "b", "е": "e", "ё": "e", "к": "k", "м": "m", "н": "h", "о": "o", "р": "p", "с": "c", "т": "t",
+    "у": "y", "х": "x", "і": "i", "ї": "i", "ј": "j", "ѕ": "s", "ԁ": "d", "ԛ": "q", "ԝ": "w", "һ": "h", "ɡ": "g",
+    "А": "A", "В": "B", "Е": "E", "К": "K", "М": "M", "Н": "H", "О": "O", "Р": "P", "С": "C", "Т": "T", "Х": "X",
+    "І": "I", "Ј": "J", "Ѕ": "S", "У": "Y",
+    "α": "a", "ε": "e", "ι": "i", "κ": "k", "ν": "v", "ο": "o", "ρ": "p", "τ": "t", "υ": "u", "χ": "x",
+    "Α": "A", "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Κ": "K", "Μ": "M", "Ν": "N", "Ο": "O", "Ρ": "P",
+    "Τ": "T", "Υ": "Y", "Χ": "X",
+})
+_FOREIGN_LETTER = re.compile(r"[\u0370-\u03ff\u0400-\u052f\u0261]")
+_WORD_WITH_FOREIGN = re.compile(r"\w*[\u0370-\u03ff\u0400-\u052f\u0261]\w*")
+
+
+def fold_confusables(text: str) -> str:
+    """Latin look-alikes from Cyrillic and Greek folded to Latin, where they disguise Latin words (see above)."""
+    if not _FOREIGN_LETTER.search(text):
+        return text
+    latin_text = len(re.findall(r"[A-Za-z]", text)) > len(_FOREIGN_LETTER.findall(text))
+
+    def fold(m: re.Match) -> str:
+        word = m.group(0)
+        folded = word.translate(_CONFUSABLE)
+        if re.search(r"[A-Za-z]", word) or (latin_text and not _FOREIGN_LETTER.search(folded)):
+            return folded
+        return word
+
+    return _WORD_WITH_FOREIGN.sub(fold, text)
 
 
 def normalize(text: str) -> str:
-    text = unicodedata.normalize("NFKC", text).translate(_ZERO_WIDTH).translate(_QUOTES).lower()
+    text = fold_confusables(unicodedata.normalize("NFKC", text).translate(_ZERO_WIDTH).translate(_QUOTES)).lower()
     return _WS.sub(" ", text).strip()
 
 
@@ -55,7 +84,7 @@ def variants(text: str) -> list[str]:
 
 def looks_obfuscated(text: str) -> bool:
     base = normalize(text)
-    return bool(_LEET_WORD.search(base) or _SPACED.search(base))
+    return bool(_LEET_WORD.search(base) or _SPACED.search(base)) or fold_confusables(text) != text
 
 
 # ---- decoding -----------------------------------------------------------------------------------
