@@ -77,6 +77,7 @@ _CAP = r"[A-ZÁÉÍÓÚÀÈÌÒÙÂÊÎÔÛÄÖÜÇÑ][\w'’.-]*"
 # ", 28013 Madrid", ", 75002 Paris", ", 1100-148 Lisboa", ", London NW1 6XE", ", D02 XY45": what may follow a street
 _CITY = r"[A-ZÁÉÍÓÚÀÈÌÒÙÂÊÎÔÛÄÖÜÇÑ][\w'’-]*"  # no dots: a city ends where its sentence does
 _POSTCODE_CITY = (r"(?:,?\s+(?:\d{4,5}(?:-\d{3})?\s+)?" + _CITY + r"(?:[ \t]+" + _CITY + r"){0,2}"
+                  r"(?:,?\s+[A-Z]{2}\s+\d{5}(?:-\d{4})?)?"  # , NY 10023
                   r"(?:,?\s+[A-Z]{1,2}\d[A-Z\d]?\s?\d[A-Z]{2})?(?:,?\s+[A-Z]\d{2}\s?[A-Z\d]{4})?)?")
 _STREET_EU_BEFORE = (r"(?:calle|c/|avenida|avda\.?|av\.|plaza|pza\.?|paseo|camino|carrer|carretera|rua|praça|praca|travessa|"
                      r"largo|via|viale|piazza|corso|vicolo|strada|rue|avenue|boulevard|bd|place|allée|allee|chemin|impasse|quai)")
@@ -90,20 +91,26 @@ _NAME_CUE = (
     r"Dott\.ssa|Senhor|Senhora)\.?|\bM\.|"
     r"\b(?i:my|our|his|her|their)\s+(?i:neighbou?r|husband|wife|son|daughter|mother|father|mum|mom|dad|friend|colleague|"
     r"brother|sister|aunt|uncle|niece|nephew|grandmother|grandfather|grandma|grandpa|partner|boyfriend|girlfriend|patient|"
-    r"client|flatmate|roommate|boss|carer|caregiver|gp|doctor|nurse|cousin|stepson|stepdaughter)|"
-    r"\bpatient|\bpaciente|\bpatiente?|\bPatientin|\bpaziente|(?m:^\s*(?:Patient|Name|Patient name|Nombre|Nom|Paziente)\s*:)|"
+    r"client|flatmate|roommate|boss|carer|caregiver|gp|doctor|nurse|cousin|stepson|stepdaughter|grandson|granddaughter)|"
+    r"\b(?:patient(?:e|in)?|paciente|paziente)\b\s*:?|\b(?:Patient(?:e|in)?|Paciente|Paziente)\s*:|"
+    r"(?P<capcue>\b(?:Patient(?:e|in)?|Paciente|Paziente)\b)|\b(?:Name|Patient name|Full name|Nombre|Nom|Nome|Re|RE|Subject|"
+    r"Account holder|Cardholder|Card holder|Holder|Titular|Titulaire|Kontoinhaber|Intestatario)\s*(?:is\s*)?:?|"
     r"\bnamed|\bcalled|\b(?i:my name is|i am|i'm|this is|signed|regards|sincerely|dear)\b,?|"
     r"\b(?i:me llamo|mi nombre es|soy|je m'appelle|je suis|ich heiße|ich bin|mein name ist|mi chiamo|sono|chamo-me|"
-    r"meu nome é|mi vecin[oa]|mi (?:marido|esposa|hij[oa]|madre|padre|herman[oa]|amig[oa])|ma voisine|mon voisin|"
-    r"mon (?:mari|fils|père|frère|ami)|ma (?:femme|fille|mère|sœur|soeur|amie)|mein(?:e)? (?:nachbar(?:in)?|mann|frau|sohn|"
-    r"tochter|mutter|vater|bruder|schwester|freund(?:in)?)|mi[ao]? (?:vicin[ao]|marito|moglie|figli[oa]|madre|padre|"
-    r"fratello|sorella)|(?:meu|minha) (?:vizinh[oa]|marido|esposa|filh[oa]|mãe|pai|irmã|irmão|amig[oa]))\b)")
+    r"meu nome é|mi vecin[oa]|mi (?:marido|esposa|hij[oa]|madre|padre|herman[oa]|amig[oa]|abuel[oa]|tí[oa])|ma voisine|"
+    r"mon voisin|mon (?:mari|fils|père|frère|ami|grand-père|oncle)|ma (?:femme|fille|mère|sœur|soeur|amie|grand-mère|tante)|"
+    r"mein(?:e)? (?:nachbar(?:in)?|mann|frau|sohn|tochter|mutter|vater|bruder|schwester|freund(?:in)?|oma|opa|großmutter|"
+    r"großvater)|mi[ao]? (?:vicin[ao]|marito|moglie|figli[oa]|madre|padre|fratello|sorella|nonn[oa])|"
+    r"(?:o |a )?(?:meu|minha) (?:vizinh[oa]|marido|esposa|filh[oa]|mãe|pai|irmã|irmão|amig[oa]|avó|avô|ti[oa]))\b)"
+    r"\s*,?")
 # Words that make a capitalised phrase a named thing, not a person ("Patient Health Questionnaire", "Care Benefit").
 _THING = re.compile(
     r"\b(?:Health|Questionnaire|Registry|Register|Program|Programme|Center|Centre|Hospital|Institute|University|Scale|"
     r"Score|Index|Knowledge|Care|Service|Services|Network|Association|Society|Foundation|Trial|Study|Survey|Database|Act|"
     r"Plan|Fund|Benefit|Medical|Clinical|National|Cancer|Heart|Unit|Imaging|Disease|Syndrome|Test|Group|Council|Agency|"
-    r"Department|Ministry|School|College|Clinic|Project|Initiative|Model|System|Report|Review|Guidelines?)\b")
+    r"Department|Ministry|School|College|Clinic|Project|Initiative|Model|System|Report|Review|Guidelines?|Measure|"
+    r"Assessment|Activation|Inventory|Instrument|Form|Tool|Rating|Outcomes?|Experience|Portal|Safety|Satisfaction|"
+    r"Reported|Engagement|Education|Advocacy|Navigation|Navigator|Pathway)\b")
 # Words after a capitalised word that make it an eponym or a named thing, not a person.
 _EPONYM_NEXT = re.compile(
     r"^[\s'’s]*(?:sign|signs|syndrome|disease|disorder|test|tests|scale|score|classification|criteria|procedure|"
@@ -125,7 +132,8 @@ _RAW: dict[str, str] = {
            r"|(?<![\w-])(?P<cf>[A-Z]{6}\d{2}[A-Z]\d{2}[A-Z]\d{3}[A-Z])(?![\w-])"
            r"|(?<![\w-])(?P<nir>[12][ ]?\d{2}[ ]?\d{2}[ ]?(?:\d{2}|2[AB])[ ]?\d{3}[ ]?\d{3}[ ]?\d{2})(?![\w-])"
            r"|(?<![\w.-])(?P<cpf>\d{3}\.\d{3}\.\d{3}-\d{2})(?![\w-])"
-           r"|(?i:\b(?:nif|contribuinte|n\.?º?\s*de\s*contribuinte)\s*(?:n\.?º|nº|no\.?)?\s*[:#]?\s*)(?P<nif>\d{9})(?!\d)"),
+           r"|(?i:\b(?:nif|contribuinte|n\.?º?\s*de\s*contribuinte)\s*(?:n\.?º|nº|no\.?)?\s*(?:is|es|é|est|ist|è)?\s*[:#]?\s*)"
+           r"(?P<nif>\d{9})(?!\d)"),
     "PHONE": (r"(?<![\w+/.-])(?:\+|00)\d{1,3}(?:[\s.\-]?\(?\d{1,5}\)?){1,6}(?![\w/-])"  # +44 20 7946 0958, 0039 02 1234 5678
               r"|(?<![\w+/.-])\(?0\)?\d{1,5}\)?(?:[\s.\-/]?\d{2,5}){1,5}(?![\w/-])"  # 06 12 34 56 78, 030 1234567, (0)612345678
               r"|(?<![\w+/.-])(?:1[\s.-]?)?(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}(?![\w/-])"  # (415) 555-0132
@@ -138,7 +146,7 @@ _RAW: dict[str, str] = {
     "PASSPORT": (r"(?i:\b(?:passport|pasaporte|passeport|reisepass|passaporto|passaporte)(?:nummer)?\b"
                  r"(?:\s+(?:no\.?|number|num\.?|nº|n\.?º|n°|nr\.?|numéro|número|numero|nummer|n\.))?\s*(?:is\s+|es\s+|est\s+|ist\s+|è\s+|é\s+)?[:#]?\s*)"
                  r"(?P<value>(?=[A-Z0-9]*\d)[A-Z0-9]{6,9})(?![\w])"),
-    "MRN": (r"(?i:\bmrn\b|\bmedical\s+record\s+(?:number|no\.?|#)|\bmed\.?\s*rec\.?\s*(?:no\.?|#)|\bpatient\s+(?:id|number|no\.?)\b|"
+    "MRN": (r"(?i:\bmrn\b|\bmedical\s+record\s+(?:number|no\.?|#)|\bmed\.?\s*rec\.?\s*(?:no\.?|#)|\bpatient\s+(?:id\b|number\b|no\.|no\b)|\bhospital\s+(?:number|no\.|no\b|id\b)|"
             r"\bhospital\s+(?:number|no\.?|id)\b|\bchart\s+(?:number|no\.?|#)|\brecord\s+(?:number|no\.?)|\bnhc\b|"
             r"\bhistoria\s+clínica\b(?:\s+(?:n\.?º|nº|número|no\.?))?|\bn[°º]?\s*de\s+dossier\b|\bnuméro\s+de\s+dossier\b|\bdossier\s+n[°º]|"
             r"\bpatientennummer\b|\bfallnummer\b|\bpatienten-id\b|\bcartella\s+clinica\b(?:\s+(?:n\.?|numero))?|"
@@ -146,7 +154,7 @@ _RAW: dict[str, str] = {
             r"\s*(?:is\s+|es\s+|est\s+|ist\s+|è\s+|é\s+)?[:#]?\s*#?\s*(?P<value>[A-Za-z]{0,4}[-/]?\d[\d/-]{3,14}\d[A-Za-z]?)(?![\w])"),
     "DOB": rf"(?i:{_DOB_CUE}\s*(?:is|was|of|:|el|le|am|il|em|a)?\s*[:,\-]?\s*\(?\s*)(?P<value>(?i:{_DATE}))",
     "ADDRESS": (
-        rf"(?<![\w/.-])\d{{1,6}}[A-Za-z]?\s+(?:{_CAP}\s+){{1,4}}(?i:{_STREET})\b\.?{_DIRECTION}{_UNIT}{_POSTCODE_CITY}"
+        rf"(?<![\w/.-])\d{{1,6}}[A-Za-z]?\s+(?:(?:{_CAP}|\d{{1,3}}(?:st|nd|rd|th))\s+){{1,4}}(?i:{_STREET})\b\.?{_DIRECTION}{_UNIT}{_POSTCODE_CITY}"
         rf"|(?i:(?<=address)|(?<=address is)|(?<=live at)|(?<=lives at)|(?<=living at)|(?<=moved to)|(?<=reside at))[:\s]+"
         rf"(?P<value>\d{{1,6}}[A-Za-z]?\s+(?:[A-Za-z'.-]+\s+){{0,4}}(?i:{_STREET})\b\.?{_DIRECTION}{_UNIT})"
         rf"|(?<![\w])(?:\d{{1,4}}(?:\s*bis)?,?\s+)?(?i:{_STREET_EU_BEFORE})\s+(?:(?:de|del|de la|des|du|da|do|dos|das|di|della|dei|degli|"
@@ -159,7 +167,8 @@ _RAW: dict[str, str] = {
     "NAME": (rf"{_NAME_CUE}\s+(?P<value>{_CAP}(?:\s+(?:de|del|de la|da|do|dos|van|von|der|di|le|la|du|y)?\s*{_CAP}){{0,3}})"
              r"|(?P<pair>[A-ZÁÉÍÓÚÀÈÌÒÙÄÖÜÇÑ][a-záéíóúàèìòùâêîôûäöüçñ'’-]+\s+[A-ZÁÉÍÓÚÀÈÌÒÙÄÖÜÇÑ][a-záéíóúàèìòùâêîôûäöüçñ'’-]+)"
              r"(?=\s+(?:has|had|was diagnosed|is diagnosed|suffers|has been diagnosed|tiene|padece|a été|est atteinte?|souffre|hat|leidet|"
-             r"ha|soffre|tem|sofre|está|is being treated|was admitted|presented|attended|died)\b|,\s*(?:a\s+|aged\s+)?\d{1,3}"
+             r"ha|soffre|tem|sofre|está|is being treated|was admitted|presented|attended|died)\b|,\s*(?:born|dob|d\.o\.b|"
+             r"date of birth|nacid[oa]|née?|geboren|geb\.|nat[oa]|nascid[oa]|nhs|mrn|ssn|passport|age)\b|,\s*(?:a\s+|aged\s+)?\d{1,3}"
              r"(?:-year-old\b|\s*(?:years|yo|y/o|ans|años|anni|anos|jahre)\b|\s*,))"),
 }
 _PATTERNS: dict[str, re.Pattern] = {k: re.compile(v) for k, v in _RAW.items()}
@@ -348,8 +357,10 @@ def find_pii(text: str, types: tuple[str, ...] | list[str] = PII_TYPES) -> list[
         if kind not in types:
             continue
         for m in _PATTERNS[kind].finditer(text):
-            groups = {k: v for k, v in m.groupdict().items() if v}
+            groups = {k: v for k, v in m.groupdict().items() if v and k != "capcue"}
             name, (start, end) = next(((k, m.span(k)) for k in groups), (None, m.span()))
+            if kind == "NAME" and m.groupdict().get("capcue") and not re.match(r"\s*[,(]", text[end:end + 3]):
+                continue  # "Patient Klaus Becker, ..." is a name; "the Patient Activation Measure" is not
             value = text[start:end]
             if kind == "CARD" and not luhn_ok(value):
                 continue
