@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/guardrails_eval.py                  # team eval set + output rails + latency (development figures)
     .venv/bin/python bench/guardrails_eval.py --pubmedqa       # real traffic: all 1,000 PQA-L items (../shared) in every format
-    .venv/bin/python bench/guardrails_eval.py --fresh          # the round-9 held-out sets (blind6, blind7, pii_blind): score once
-    .venv/bin/python bench/guardrails_eval.py --blind          # the round-8 sets (blind4, blind5; development data since round 9)
+    .venv/bin/python bench/guardrails_eval.py --fresh          # the round-10 held-out sets (blind8, blind9, pii_blind2): score once
+    .venv/bin/python bench/guardrails_eval.py --blind          # the earlier held-out sets (blind4-7, pii_blind; development data now)
     .venv/bin/python bench/guardrails_eval.py --policy my.yaml --repeats 5
 
 Both configurations run the same `PolicyGuard.evaluate` on the same prompts:
@@ -195,20 +195,20 @@ def main() -> int:
     ap.add_argument("--policy", default="default")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes over the prompts after one warm-up pass")
     ap.add_argument("--blind", action="store_true",
-                    help="also score the held-out sets guardrails/eval/blind4.jsonl and blind5.jsonl (earlier blind sets are in the bank since round 8)")
+                    help="also the earlier held-out sets (guardrails/eval/blind4-7.jsonl, pii_blind.jsonl): development data now")
     ap.add_argument("--dev-loso", action="store_true",
                     help="also the development estimate: for each earlier blind set in the bank (ids blind-, blind2-, "
                          "blind3-), refit without its rows and score them (leave one set out)")
     ap.add_argument("--pubmedqa", action="store_true",
                     help="also real traffic: all 1,000 PQA-L items of ../shared in every format, and the shipped sample")
     ap.add_argument("--fresh", action="store_true",
-                    help="also the round-9 held-out sets (eval/blind6.jsonl, blind7.jsonl, pii_blind.jsonl): scored once, "
+                    help="also the round-10 held-out sets (eval/blind8.jsonl, blind9.jsonl, pii_blind2.jsonl): scored once, "
                          "reported in the README; after that they are development data like the earlier ones")
     ap.add_argument("--json", default=str(REPO / "storage" / "bench" / "guardrails_eval.json"))
     args = ap.parse_args()
 
     from medtune.guardrails import load_guard
-    from medtune.guardrails.evalset import (FRESH, HELDOUT, OUTPUTS, PII_FRESH, PROMPTS, load_rows, load_rows_pii, percentile,
+    from medtune.guardrails.evalset import (FRESH, HELDOUT, OUTPUTS, PII_DEV, PII_FRESH, PROMPTS, load_rows, load_rows_pii, percentile,
                                             score_inputs, score_outputs, score_pii)
 
     load1 = os.getloadavg()[0]
@@ -265,7 +265,7 @@ def main() -> int:
 
     if args.blind:
         result["blind"] = {}
-        status = "HELD OUT: written apart from the bank, rules, glossary and other sets"
+        status = "earlier held-out set, scored once when written; development data now"
         sets = [(str(p.relative_to(REPO)), p.stem, load_rows(p)) for p in HELDOUT if p.is_file()]
         if len(sets) > 1:
             sets.append((" + ".join(key for _, key, _ in sets) + " together", "+".join(key for _, key, _ in sets),
@@ -281,6 +281,12 @@ def main() -> int:
             print("  layered misses: " + ("; ".join(f"{i}" for i in bl["missed"]) or "none"))
             print("  layered false blocks: " + ("; ".join(bl["false_blocks"]) or "none"))
             result["blind"][key] = {"rules_only": bb, "layered": bl}
+        if PII_DEV.is_file():
+            dev_pii = score_pii(guard, load_rows_pii(PII_DEV))
+            print(f"\n{PII_DEV.relative_to(REPO)} ({status}): {dev_pii['leaks']} of {dev_pii['items']} items left, "
+                  f"{len(dev_pii['keep_lost'])} of {dev_pii['keep_total']} clinical strings lost, "
+                  f"{dev_pii['clean_redacted']} of {dev_pii['clean_messages']} PII-free messages changed")
+            result["blind"]["pii_blind"] = dev_pii
 
     if args.dev_loso:
         result["dev_loso"] = dev_leave_one_set_out(args.policy)
@@ -295,7 +301,7 @@ def main() -> int:
         for name, key, fresh_rows in sets:
             fb = score_inputs(guard, fresh_rows, use_classifier=False)
             fl = score_inputs(guard, fresh_rows, use_classifier=True)
-            print(f"\n{name} ({len(fresh_rows)} prompts; HELD OUT: written after round 9 froze by authors who read nothing of the project):")
+            print(f"\n{name} ({len(fresh_rows)} prompts; HELD OUT: written apart from round 10 by authors who read nothing of the project):")
             print_comparison(fb, fl)
             for lang, c in fl.get("by_lang", {}).items():
                 print(f"  {lang}: blocked {c['blocked']}/{c['harmful']} harmful, {c['false_blocks']}/{c['legitimate']} "

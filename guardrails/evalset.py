@@ -20,14 +20,15 @@ from medtune.errors import MedtuneError
 EVAL_DIR = Path(__file__).resolve().parent / "eval"
 PROMPTS = EVAL_DIR / "prompts.jsonl"
 OUTPUTS = EVAL_DIR / "outputs.jsonl"
-# Written after round 8 froze by two authors who read nothing of the guardrails (nor each other's
-# set); scored once. (The earlier blind sets, blind..blind3, became development sets as their misses
-# shaped rounds 6-8, and since round 8 they are part of the exemplar bank, ids "blind*-".)
-HELDOUT = (EVAL_DIR / "blind4.jsonl", EVAL_DIR / "blind5.jsonl")
-# Round 9 (request/document separation, domain negatives, new redaction): written by two more authors and a PII
-# author who read nothing of the project, after the round froze; scored once (README, "Measured").
-FRESH = (EVAL_DIR / "blind6.jsonl", EVAL_DIR / "blind7.jsonl")
-PII_FRESH = EVAL_DIR / "pii_blind.jsonl"
+# The earlier held-out sets. blind4/blind5 were written after round 8 froze, blind6/blind7 (and pii_blind) after
+# round 9 froze, each by authors who read nothing of the guardrails, and each scored once; since then they are
+# development data. (The sets before them, blind..blind3, are part of the exemplar bank, ids "blind*-".)
+HELDOUT = (EVAL_DIR / "blind4.jsonl", EVAL_DIR / "blind5.jsonl", EVAL_DIR / "blind6.jsonl", EVAL_DIR / "blind7.jsonl")
+PII_DEV = EVAL_DIR / "pii_blind.jsonl"
+# Round 10: written by two more authors and a PII author who read nothing of the project, while round 10 was
+# built and before it froze; scored once (README, "Measured").
+FRESH = (EVAL_DIR / "blind8.jsonl", EVAL_DIR / "blind9.jsonl")
+PII_FRESH = EVAL_DIR / "pii_blind2.jsonl"
 LABELS = ("harmful", "benign", "sensitive")
 
 

@@ -24,7 +24,7 @@ from medtune.cli import main
 from medtune.errors import MedtuneError
 from medtune.guardrails import NoGuard, Verdict, load_guard
 from medtune.guardrails.config import DEFAULT_EXEMPLARS, load_policy
-from medtune.guardrails.evalset import FRESH, HELDOUT, OUTPUTS, PII_FRESH, PROMPTS, load_rows, load_rows_pii, score_inputs, score_outputs
+from medtune.guardrails.evalset import FRESH, HELDOUT, OUTPUTS, PII_DEV, PII_FRESH, PROMPTS, load_rows, load_rows_pii, score_inputs, score_outputs
 from medtune.guardrails.policy import PolicyGuard
 from medtune.guardrails.redact import PII_TYPES, StreamRedactor, redact
 
@@ -734,10 +734,19 @@ def test_a_name_split_across_deltas_is_never_shown(guard):
         assert not any("Okaf" in p or "Rosa" in p for p in shown)
 
 
-def test_the_fresh_pii_set_is_well_formed():
-    rows = load_rows_pii(PII_FRESH)
+@pytest.mark.parametrize("path", [PII_DEV, PII_FRESH], ids=["pii_blind", "pii_blind2"])
+def test_the_held_out_pii_sets_are_well_formed(path):
+    rows = load_rows_pii(path)
     types = {i["type"] for r in rows for i in r.get("pii") or []}
     assert len(rows) >= 30 and {"NAME", "PHONE", "DOB", "IBAN", "PASSPORT", "IP", "CARD", "ADDRESS", "EMAIL"} <= types
+
+
+def test_pii_development_set_leaves_nothing_and_keeps_clinical_text(guard):
+    """pii_blind was held out for round 9 (13 of 126 items left then); since then it is development data."""
+    from medtune.guardrails.evalset import score_pii
+
+    res = score_pii(guard, load_rows_pii(PII_DEV))
+    assert res["leaks"] == 0 and not res["keep_lost"] and res["clean_redacted"] == 0, res
 
 
 def test_cyrillic_look_alikes_are_folded_and_real_cyrillic_is_not(guard):
