@@ -224,6 +224,18 @@ class EmbeddingClassifier:
             self._save(head_file, lambda fh: np.savez(fh, **head))
         self.classes = [str(c) for c in head["classes"]]
         self.coef, self.intercept, self.oof = head["coef"], head["intercept"], head["oof"]
+        self.lexical = None
+        w = self.cfg.lexical_weight
+        if w > 0:
+            # The word and character n-gram model is refitted at every load (seconds; a pickle in a shared cache
+            # would be code anyone with write access could run); its out-of-fold scores are cached with the head's.
+            self.lexical = self._fit_lexical()
+            lex_file = cache / f"lexical-oof-{hashlib.sha256(f'{head_key}|lexical-v1'.encode()).hexdigest()[:20]}.npy"
+            lex_oof = self._load_array(lex_file)
+            if lex_oof is None or lex_oof.shape != self.oof.shape:
+                lex_oof = self._lexical_oof()
+                self._save(lex_file, lambda fh: np.save(fh, lex_oof))
+            self.oof = ((1 - w) * self.oof + w * lex_oof).astype(np.float32)
         self.labels = np.array([e.label for e in self.exemplars])
         self.safe_mask = np.isin(self.labels, list(SAFE_LABELS))
         self.research_mask = np.array([e.research for e in self.exemplars])
@@ -248,6 +260,36 @@ class EmbeddingClassifier:
         clf = make().fit(E, y)
         return {"classes": np.array(clf.classes_), "coef": clf.coef_.astype(np.float32),
                 "intercept": clf.intercept_.astype(np.float32), "oof": oof.astype(np.float32)}
+
+    def _lexical_model(self):
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline, make_union
+
+        return make_pipeline(make_union(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
+                                        TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True)),
+                             LogisticRegression(C=8.0, max_iter=5000, class_weight="balanced"))
+
+    def _bank_xy(self):
+        np = self._np
+        y = np.array([SAFE if e.label in SAFE_LABELS else e.label for e in self.exemplars])
+        return [e.text for e in self.exemplars], y, np.array([e.group for e in self.exemplars])
+
+    def _fit_lexical(self):
+        texts, y, _ = self._bank_xy()
+        model = self._lexical_model().fit(texts, y)
+        if [str(c) for c in model.classes_] != self.classes:
+            raise MedtuneError("guardrails classifier: the lexical model's classes differ from the head's")
+        return model
+
+    def _lexical_oof(self):
+        from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
+
+        log.info("guardrails: out-of-fold scores of the lexical model (%d folds, once per bank)", self.cfg.cv_folds)
+        texts, y, groups = self._bank_xy()
+        folds = StratifiedGroupKFold(n_splits=self.cfg.cv_folds, shuffle=True, random_state=0)
+        return cross_val_predict(self._lexical_model(), texts, y, groups=groups, cv=folds,
+                                 method="predict_proba").astype(self._np.float32)
 
     @staticmethod
     def _save(path: Path, write) -> None:
@@ -364,6 +406,9 @@ class EmbeddingClassifier:
             return Score(0.0, None, None, -1)
         X = self._embed(chunks)
         P = self._probs(X)
+        if self.lexical is not None:
+            w = self.cfg.lexical_weight
+            P = (1 - w) * P + w * self.lexical.predict_proba(chunks)
         idx = [i for i, c in enumerate(self.classes) if c in categories]
         if not idx:
             return Score(0.0, None, None, -1)

@@ -84,6 +84,11 @@ class ClassifierConfig(_Strict):
                                                             "Relative paths are relative to the policy file.")
     head: Literal["logistic"] = "logistic"
     C: float = Field(default=32.0, gt=0, description="Inverse regularisation of the logistic head.")
+    lexical_weight: float = Field(
+        default=0.5, ge=0, le=1,
+        description="Weight of a word and character n-gram logistic model (TF-IDF, fitted on the same bank) averaged "
+                    "with the embedding head's probabilities; 0 turns it off. Chosen in round 10 by "
+                    "bench/guardrails_designs.py (recall at 5% sensitive false blocks 79.6% -> 83.3%).")
     target_false_block: float = Field(default=0.05, gt=0, lt=0.5,
                                       description="Calibrate the threshold to block this share of the bank's safe exemplars (out of fold).")
     target_false_block_research: float = Field(
