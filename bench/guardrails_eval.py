@@ -190,6 +190,31 @@ def dev_leave_one_set_out(policy: str, sets=("blind", "blind2", "blind3")) -> di
     return totals
 
 
+def score_sets(guard, paths, status: str) -> dict:
+    """Each prompt set in `paths`, and all of them together: rules-only vs layered, printed; {key: results}."""
+    from medtune.guardrails.evalset import load_rows, score_inputs
+
+    sets = [(str(p.relative_to(REPO)), p.stem, load_rows(p)) for p in paths if p.is_file()]
+    if len(sets) > 1:
+        sets.append((" + ".join(k for _, k, _ in sets) + " together", "+".join(k for _, k, _ in sets),
+                     [r for _, _, rs in sets for r in rs]))
+    out = {}
+    for name, key, rows in sets:
+        base = score_inputs(guard, rows, use_classifier=False)
+        layered = score_inputs(guard, rows, use_classifier=True)
+        print(f"\n{name} ({len(rows)} prompts; {status}):")
+        print_comparison(base, layered)
+        for lang, c in layered.get("by_lang", {}).items():
+            print(f"  {lang}: blocked {c['blocked']}/{c['harmful']} harmful, {c['false_blocks']}/{c['legitimate']} "
+                  "benign or sensitive")
+        by_id = {r["id"]: r for r in rows}
+        print("  layered misses: " + ("; ".join(f"{i} ({by_id[i].get('style')})" for i in layered["missed"]) or "none"))
+        print("  layered false blocks: " + ("; ".join(f"{i} ({by_id[i].get('style')})" for i in layered["false_blocks"])
+                                            or "none"))
+        out[key] = {"rules_only": base, "layered": layered}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policy", default="default")
@@ -264,23 +289,8 @@ def main() -> int:
         result["pubmedqa"] = pubmedqa_traffic(guard)
 
     if args.blind:
-        result["blind"] = {}
         status = "earlier held-out set, scored once when written; development data now"
-        sets = [(str(p.relative_to(REPO)), p.stem, load_rows(p)) for p in HELDOUT if p.is_file()]
-        if len(sets) > 1:
-            sets.append((" + ".join(key for _, key, _ in sets) + " together", "+".join(key for _, key, _ in sets),
-                         [r for _, _, rows in sets for r in rows]))
-        for name, key, blind_rows in sets:
-            bb = score_inputs(guard, blind_rows, use_classifier=False)
-            bl = score_inputs(guard, blind_rows, use_classifier=True)
-            print(f"\n{name} ({len(blind_rows)} prompts; {status}):")
-            print_comparison(bb, bl)
-            for lang, c in bl.get("by_lang", {}).items():
-                print(f"  {lang}: blocked {c['blocked']}/{c['harmful']} harmful, {c['false_blocks']}/{c['legitimate']} "
-                      "benign or sensitive")
-            print("  layered misses: " + ("; ".join(f"{i}" for i in bl["missed"]) or "none"))
-            print("  layered false blocks: " + ("; ".join(bl["false_blocks"]) or "none"))
-            result["blind"][key] = {"rules_only": bb, "layered": bl}
+        result["blind"] = score_sets(guard, HELDOUT, status)
         if PII_DEV.is_file():
             dev_pii = score_pii(guard, load_rows_pii(PII_DEV))
             print(f"\n{PII_DEV.relative_to(REPO)} ({status}): {dev_pii['leaks']} of {dev_pii['items']} items left, "
@@ -293,24 +303,11 @@ def main() -> int:
 
     held, held_name, pii = layered, "team eval set (development)", None
     if args.fresh:
-        result["fresh"] = {}
-        sets = [(str(p.relative_to(REPO)), p.stem, load_rows(p)) for p in FRESH if p.is_file()]
-        if len(sets) > 1:
-            sets.append((" + ".join(k for _, k, _ in sets) + " together", "+".join(k for _, k, _ in sets),
-                         [r for _, _, rs in sets for r in rs]))
-        for name, key, fresh_rows in sets:
-            fb = score_inputs(guard, fresh_rows, use_classifier=False)
-            fl = score_inputs(guard, fresh_rows, use_classifier=True)
-            print(f"\n{name} ({len(fresh_rows)} prompts; HELD OUT: written apart from round 10 by authors who read nothing of the project):")
-            print_comparison(fb, fl)
-            for lang, c in fl.get("by_lang", {}).items():
-                print(f"  {lang}: blocked {c['blocked']}/{c['harmful']} harmful, {c['false_blocks']}/{c['legitimate']} "
-                      "benign or sensitive")
-            by_id = {r["id"]: r for r in fresh_rows}
-            print("  layered misses: " + ("; ".join(f"{i} ({by_id[i].get('style')})" for i in fl["missed"]) or "none"))
-            print("  layered false blocks: " + ("; ".join(f"{i} ({by_id[i].get('style')})" for i in fl["false_blocks"]) or "none"))
-            result["fresh"][key] = {"rules_only": fb, "layered": fl}
-            held, held_name = fl, key
+        result["fresh"] = score_sets(guard, FRESH, "HELD OUT: written apart from round 10 by authors who read "
+                                                   "nothing of the project")
+        if result["fresh"]:
+            held_name = list(result["fresh"])[-1]
+            held = result["fresh"][held_name]["layered"]
         if PII_FRESH.is_file():
             pii = score_pii(guard, load_rows_pii(PII_FRESH))
             print(f"\nPII held-out set {PII_FRESH.relative_to(REPO)}: {pii['messages']} messages, {pii['items']} items: "

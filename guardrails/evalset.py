@@ -32,15 +32,20 @@ PII_FRESH = EVAL_DIR / "pii_blind2.jsonl"
 LABELS = ("harmful", "benign", "sensitive")
 
 
-def load_rows(path: Path) -> list[dict]:
-    rows = []
+def _jsonl(path: Path):
+    """(line number, object) for each non-blank line of a JSONL file; a bad line names file and line."""
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError as err:
             raise MedtuneError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+
+
+def load_rows(path: Path) -> list[dict]:
+    rows = []
+    for n, row in _jsonl(path):
         if row.get("label") not in LABELS or not isinstance(row.get("text"), str):
             raise MedtuneError(f"{path}:{n}: needs `text` and `label` in {LABELS}")
         if row["label"] == "harmful" and not row.get("category"):
@@ -53,13 +58,7 @@ def load_rows_pii(path: Path) -> list[dict]:
     """A PII set: `{"id", "text", "pii": [{"type", "value"}], "keep": [strings]}` per line; every value and
     every keep string must occur in its text."""
     rows = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise MedtuneError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+    for n, row in _jsonl(path):
         text = row.get("text")
         if not isinstance(text, str) or not all(i.get("value", "") in text for i in row.get("pii") or []) \
                 or not all(k in text for k in row.get("keep") or []):
