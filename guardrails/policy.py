@@ -144,6 +144,7 @@ class PolicyGuard:
             readable = redact(sub, self.types).text if cfg.redact else sub
         else:
             readable = red.text
+        decoded_where = f" in {'/'.join(d.encoding for d in decoded)}-decoded text" if decoded else ""
         seg = segment(readable) if cfg.segment else None
         request = seg.request if seg is not None else readable
         document = seg.document if seg is not None else ""
@@ -156,7 +157,6 @@ class PolicyGuard:
                     glosses.append((g.text, f" in the {g.lang} gloss{where}"))
 
         if cfg.rules and len(self.input_rules):
-            decoded_where = f" in {'/'.join(d.encoding for d in decoded)}-decoded text" if decoded else ""
             hit, where = (self.input_rules.check(variants(request)), decoded_where) if request else (None, "")
             if hit is None and document and len(self.document_rules):
                 hit, where = self.document_rules.check(variants(document)), " in a pasted document"
@@ -180,7 +180,7 @@ class PolicyGuard:
             items, labels = [], []
             if request:
                 items.append(request)
-                labels.append(f" in {'/'.join(d.encoding for d in decoded)}-decoded text" if decoded else "")
+                labels.append(decoded_where)
             if seg is not None and seg.actionable:
                 items.append(document)  # the request asks to act on the document: its content matters
                 labels.append(" in the document the request asks to act on")
