@@ -2,7 +2,8 @@
 (shipped), the same with a word/character n-gram model averaged in, and a SetFit-style encoder fine-tuned
 contrastively on the same bank.
 
-    .venv/bin/python bench/guardrails_designs.py                # both designs (the SetFit fit takes minutes on 2 cores)
+    .venv/bin/python bench/guardrails_designs.py                # all three (SetFit: ~10 min on 2 cores; `pip install setfit`,
+                                                                 # which is not a project dependency)
     .venv/bin/python bench/guardrails_designs.py --designs frozen,frozen+lexical
 
 Split (grouped by source, nothing shared between fitting and scoring): the designs are fitted on the
@@ -112,7 +113,11 @@ def frozen_encoder(model_dir):
 def setfit_encoder(model_dir, train, iterations: int, epochs: int):
     """Contrastive fine-tuning of the encoder on pairs from the bank (SetFit's first phase)."""
     from datasets import Dataset
-    from setfit import SetFitModel, Trainer, TrainingArguments
+
+    try:
+        from setfit import SetFitModel, Trainer, TrainingArguments
+    except ImportError:
+        sys.exit("the setfit design needs the setfit package: .venv/bin/pip install setfit (or --designs frozen,frozen+lexical)")
 
     from medtune.guardrails.classifier import SAFE
     from medtune.guardrails.config import SAFE_LABELS
@@ -120,8 +125,10 @@ def setfit_encoder(model_dir, train, iterations: int, epochs: int):
     ds = Dataset.from_dict({"text": [e.text for e in train],
                             "label": [SAFE if e.label in SAFE_LABELS else e.label for e in train]})
     model = SetFitModel.from_pretrained(str(model_dir))
-    args = TrainingArguments(batch_size=32, num_epochs=epochs, num_iterations=iterations, seed=0,
-                             show_progress_bar=True, end_to_end=False)
+    import tempfile
+
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="setfit-"), batch_size=32, num_epochs=epochs,
+                             num_iterations=iterations, seed=0, show_progress_bar=True, end_to_end=False)
     t0 = time.perf_counter()
     Trainer(model=model, args=args, train_dataset=ds).train()
     print(f"  setfit contrastive phase: {time.perf_counter() - t0:.0f}s", flush=True)
