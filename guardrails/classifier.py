@@ -248,15 +248,12 @@ class EmbeddingClassifier:
     def _fit_head(self, E):
         np = self._np
         from sklearn.linear_model import LogisticRegression
-        from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
+        from sklearn.model_selection import cross_val_predict
 
-        y = np.array([SAFE if e.label in SAFE_LABELS else e.label for e in self.exemplars])
-        groups = np.array([e.group for e in self.exemplars])
+        _, y, groups = self._bank_xy()
         log.info("guardrails: fitting the classifier head (%d-fold grouped calibration)", self.cfg.cv_folds)
         make = lambda: LogisticRegression(C=self.cfg.C, max_iter=5000, class_weight="balanced")  # noqa: E731
-        # grouped: the chunks of one abstract never score each other (they would make out-of-fold optimistic)
-        folds = StratifiedGroupKFold(n_splits=self.cfg.cv_folds, shuffle=True, random_state=0)
-        oof = cross_val_predict(make(), E, y, groups=groups, cv=folds, method="predict_proba")
+        oof = cross_val_predict(make(), E, y, groups=groups, cv=self._folds(), method="predict_proba")
         clf = make().fit(E, y)
         return {"classes": np.array(clf.classes_), "coef": clf.coef_.astype(np.float32),
                 "intercept": clf.intercept_.astype(np.float32), "oof": oof.astype(np.float32)}
@@ -269,6 +266,12 @@ class EmbeddingClassifier:
         return make_pipeline(make_union(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
                                         TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True)),
                              LogisticRegression(C=8.0, max_iter=5000, class_weight="balanced"))
+
+    def _folds(self):
+        """Grouped folds: the chunks of one abstract never score each other (out-of-fold would be optimistic)."""
+        from sklearn.model_selection import StratifiedGroupKFold
+
+        return StratifiedGroupKFold(n_splits=self.cfg.cv_folds, shuffle=True, random_state=0)
 
     def _bank_xy(self):
         np = self._np
@@ -283,12 +286,11 @@ class EmbeddingClassifier:
         return model
 
     def _lexical_oof(self):
-        from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
+        from sklearn.model_selection import cross_val_predict
 
         log.info("guardrails: out-of-fold scores of the lexical model (%d folds, once per bank)", self.cfg.cv_folds)
         texts, y, groups = self._bank_xy()
-        folds = StratifiedGroupKFold(n_splits=self.cfg.cv_folds, shuffle=True, random_state=0)
-        return cross_val_predict(self._lexical_model(), texts, y, groups=groups, cv=folds,
+        return cross_val_predict(self._lexical_model(), texts, y, groups=groups, cv=self._folds(),
                                  method="predict_proba").astype(self._np.float32)
 
     @staticmethod

@@ -40,8 +40,9 @@ _CONFUSABLE = str.maketrans({
     "Α": "A", "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Κ": "K", "Μ": "M", "Ν": "N", "Ο": "O", "Ρ": "P",
     "Τ": "T", "Υ": "Y", "Χ": "X",
 })
-_FOREIGN_LETTER = re.compile(r"[\u0370-\u03ff\u0400-\u052f\u0261]")
-_WORD_WITH_FOREIGN = re.compile(r"\w*[\u0370-\u03ff\u0400-\u052f\u0261]\w*")
+_GREEK_CYRILLIC = r"[\u0370-\u03ff\u0400-\u052f\u0261]"
+_FOREIGN_LETTER = re.compile(_GREEK_CYRILLIC)
+_WORD_WITH_FOREIGN = re.compile(rf"\w*{_GREEK_CYRILLIC}\w*")
 
 
 def fold_confusables(text: str) -> str:

@@ -70,7 +70,7 @@ _IMPERATIVE = (r"^\s*(?:tell|give|show|explain|describe|list|write|draft|compose
                r"suppose|assume|let's|lets|continue|repeat|print|output|reveal|decode|follow|do|don't|stop|start|"
                r"find|calculate|compare|rewrite|paraphrase|outline|walk|teach|recommend|suggest|advise|send|get|"
                r"buy|order|use|put|add|mix|take|go|now|from now on|respond|reply|say)\b")
-_CUES = [
+_BASE_CUES = [
     re.compile(r"\?\s*[\"')\]]*\s*$|^\s*[¿]"),
     re.compile(rf"(?:^|[\s\"'(])I\s+(?:{_I_VERB})\b|^\s*I\b(?!\s*[-–.,)])|\bI['’](?:m|ve|d|ll)\b"),
     re.compile(r"\b(?:me|my|myself|mine)\b", re.I),
@@ -92,14 +92,13 @@ _ENGLISH = re.compile(r"\b(?:the|of|and|with|was|were|in|to|for|is|are|that|this
 # Roman numerals after a class word are not the pronoun ("group I had stable haemodynamics", "type I diabetes").
 _ROMAN_I = re.compile(r"\b(?:group|type|class|phase|stage|grade|level|category|zone|arm|tier|period|cohort|part|"
                       r"complex|series|study|trial|degree|(?:\(\d+\)))\s*I\b", re.I)
-_IMPERATIVE_CUE = re.compile(_IMPERATIVE + r"(?![-'])", re.I)
+_CUES = _BASE_CUES + [re.compile(_IMPERATIVE + r"(?![-'])", re.I)]
 # In a pasted document a sentence-initial verb is often a noun ("Use of the lithotomy position ...",
 # "Follow-up was ..."): there an imperative counts only with an object after it.
-_DOC_CUES = [c for c in _CUES if c is not _IMPERATIVE_CUE] + [
+_DOC_CUES = _BASE_CUES + [
     re.compile(_IMPERATIVE + r"\s+(?:me|us|it|this|that|these|those|the|a|an|my|your|all|any|every|everything|how|"
                r"what|why|whether|step|previous|above|prior|earlier|instructions|rules)\b", re.I),
 ]
-_CUES.append(_IMPERATIVE_CUE)
 # The register of reported research: numbers, study words, third-person past tense.
 _REPORTING = re.compile(
     r"\d|%|\b(?:we|our|patients?|participants?|subjects?|cases?|cohort|trial|study|studies|sample|group|groups|"
@@ -160,8 +159,9 @@ def _reads_as_report(line: str) -> bool:
     sents = sentences(line)
     if not sents:
         return False
-    reporting = sum(1 for s in sents if _REPORTING.search(s) and not has_request_cue(s))
-    asking = sum(1 for s in sents if has_request_cue(s))
+    cued = [has_request_cue(s) for s in sents]
+    reporting = sum(1 for s, c in zip(sents, cued) if not c and _REPORTING.search(s))
+    asking = sum(cued)
     return reporting >= 0.4 * len(sents) and asking <= max(1, len(sents) // 3)
 
 
