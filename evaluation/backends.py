@@ -4,10 +4,16 @@ loaded in this process with transformers + PEFT (`LocalBackend`, `--api-base inp
 Both give, per model and item, the log-probability of each decision (likelihood mode) and a
 greedy answer (generate mode), for the same chat messages.
 
-- HTTP likelihood: one `/v1/chat/completions` request with `max_tokens=1, temperature=0,
-  logprobs=True, top_logprobs=20`; each decision scores the probability of its first token among
-  the returned top 20 (case and leading-space variants summed). A decision outside the top 20
-  scores -inf; an item where none of the three appears is unscored (counted, and wrong).
+- HTTP likelihood, exact (servers with vLLM's `/tokenize` and `logprob_token_ids`: medtune
+  serve, vLLM): the decision words are tokenized by the served model once; one
+  `/v1/chat/completions` request per item (`max_tokens=1`, `logprob_token_ids` = the variants'
+  first tokens) gives each first token's log-probability over the whole vocabulary; a variant
+  of several tokens adds one request that continues the answer with its first tokens
+  (`continue_final_message`, `prompt_logprobs`). The same sum as in-process, nothing unscored.
+- HTTP likelihood, fallback (other OpenAI-compatible servers): `top_logprobs=20`; each decision
+  scores the probability of its first token among the returned top 20 (case and leading-space
+  variants summed). A decision outside the top 20 scores -inf; an item where none of the three
+  appears is unscored (counted, and wrong).
 - In-process likelihood: the full log-likelihood of each decision word as the continuation of
   the generation prompt (as lm-evaluation-harness scores multiple choice), summed over the same
   case and leading-space variants. No top-k cut-off, so nothing is unscored, and no network.
@@ -18,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,14 +95,18 @@ class HttpBackend:
         key = os.environ.get(API_KEY_ENV) or "none"
         self.client = OpenAI(base_url=self.api_base, api_key=key, timeout=timeout, max_retries=max_retries)
         self.concurrency = max(1, concurrency)
-        self.method = {
-            "likelihood": (
-                f"HTTP /v1/chat/completions, max_tokens=1, temperature=0, top_logprobs={TOP_LOGPROBS}: "
-                "probability of each decision's first token (case/space variants summed); "
-                "items with no decision among the top tokens are unscored"
-            ),
-            "generate": "HTTP /v1/chat/completions, temperature=0",
-        }
+        self._key = key
+        self._timeout = timeout
+        self._variants: dict[str, dict[str, list[tuple[list[int], list[str]]]] | None] = {}
+        self._variants_lock = threading.Lock()
+        self.method = {"likelihood": self.EXACT, "generate": "HTTP /v1/chat/completions, temperature=0"}
+
+    EXACT = ("HTTP /v1/chat/completions, max_tokens=1, temperature=0, logprob_token_ids = the decision words' first tokens "
+             "(from the server's /tokenize): the full log-likelihood of each decision word as the answer's start "
+             "(case/space variants summed), as in-process; nothing unscored")
+    TOP_K = (f"HTTP /v1/chat/completions, max_tokens=1, temperature=0, top_logprobs={TOP_LOGPROBS}: "
+             "probability of each decision's first token (case/space variants summed); "
+             "items with no decision among the top tokens are unscored")
 
     def preflight(self, models: list[str]) -> dict[str, ModelInfo]:
         import openai
@@ -153,7 +165,100 @@ class HttpBackend:
         except openai.APIConnectionError as err:
             raise MedtuneError(f"{self.api_base}: lost the endpoint while scoring ({err.__cause__ or err}); stopping") from None
 
+    def _server_root(self) -> str:
+        return self.api_base[:-3] if self.api_base.endswith("/v1") else self.api_base
+
+    def variants(self, model: str) -> dict[str, list[tuple[list[int], list[str]]]] | None:
+        """Each decision's case/space variants as the served model tokenizes them ((ids, token strings) per
+        variant), or None where the server has no /tokenize (the top-k fallback is used then)."""
+        import httpx
+
+        with self._variants_lock:
+            if model in self._variants:
+                return self._variants[model]
+            out: dict[str, list[tuple[list[int], list[str]]]] | None = {}
+            try:
+                for label in LABELS:
+                    out[label] = []
+                    for variant in option_variants(label):
+                        resp = httpx.post(f"{self._server_root()}/tokenize", timeout=self._timeout,
+                                          headers={"Authorization": f"Bearer {self._key}"},
+                                          json={"model": model, "prompt": variant, "add_special_tokens": False,
+                                                "return_token_strs": True})
+                        if resp.status_code in (404, 405):
+                            raise LookupError(f"/tokenize answered {resp.status_code}")
+                        if resp.status_code != 200:
+                            raise MedtuneError(f"{self.api_base}: model {model!r} answered {resp.status_code} on /tokenize "
+                                               f"({resp.text[:200]}); stopping")
+                        body = resp.json()
+                        out[label].append((list(body["tokens"]), list(body.get("token_strs") or [])))
+            except (LookupError, KeyError, ValueError) as err:
+                log.warning("%s: no usable /tokenize (%s); likelihood reads the top %d first tokens only",
+                            self.api_base, err, TOP_LOGPROBS)
+                out = None
+                self.method["likelihood"] = self.TOP_K
+            except httpx.HTTPError as err:
+                raise MedtuneError(f"{self.api_base}: /tokenize failed for model {model!r} ({err}); stopping") from None
+            self._variants[model] = out
+            return out
+
     def likelihood(self, model: str, messages: list[dict]) -> Likelihood:
+        variants = self.variants(model)
+        if variants is not None:
+            return self._exact_likelihood(model, messages, variants)
+        return self._top_k_likelihood(model, messages)
+
+    def _exact_likelihood(self, model: str, messages: list[dict], variants) -> Likelihood:
+        firsts = sorted({ids[0] for vs in variants.values() for ids, _ in vs if ids})
+        resp, note = self._call(model, messages, max_tokens=1, logprobs=True, extra_body={"logprob_token_ids": firsts})
+        if resp is None:
+            return Likelihood(None, note)
+        choice = resp.choices[0]
+        if choice.finish_reason == "content_filter":
+            return Likelihood(None, "blocked")
+        content = choice.logprobs.content if choice.logprobs else None
+        if not content:
+            return Likelihood(None, "no logprobs in the response")
+        first = {t.token: t.logprob for t in content[0].top_logprobs}
+        scores = {}
+        for label, forms in variants.items():
+            total = []
+            for ids, strs in forms:
+                if not ids or (strs[0] if strs else None) not in first:
+                    return Likelihood(None, f"the server did not score token {ids[:1]} of {label!r}")
+                lp = first[strs[0]]
+                if len(ids) > 1:
+                    more, note = self._continuation(model, messages, ids, strs)
+                    if more is None:
+                        return Likelihood(None, note)
+                    lp += more
+                total.append(lp)
+            scores[label] = _logsumexp(total)
+        return Likelihood(scores)
+
+    def _continuation(self, model: str, messages: list[dict], ids: list[int], strs: list[str]) -> tuple[float | None, str | None]:
+        """log P(ids[1:] | prompt, ids[0]): the answer continued with all but the last token, whose logprob
+        comes from logprob_token_ids; the ones between from prompt_logprobs."""
+        head = "".join(strs[:-1])
+        resp, note = self._call(model, [*messages, {"role": "assistant", "content": head}], max_tokens=1, logprobs=True,
+                                extra_body={"logprob_token_ids": [ids[-1]], "continue_final_message": True,
+                                            "add_generation_prompt": False, "prompt_logprobs": 0})
+        if resp is None:
+            return None, note
+        content = resp.choices[0].logprobs.content if resp.choices[0].logprobs else None
+        prompt_lps = (resp.model_extra or {}).get("prompt_logprobs")
+        if not content or not content[0].top_logprobs or prompt_lps is None:
+            return None, "the server did not score the continuation"
+        total = content[0].top_logprobs[0].logprob
+        head_lps = prompt_lps[len(prompt_lps) - (len(ids) - 1):]  # the positions of ids[0] .. ids[-2]
+        for i, (token_id, entry) in enumerate(zip(ids[:-1], head_lps)):
+            if not entry or str(token_id) not in entry:
+                return None, "the continuation was tokenized differently by the server"
+            if i > 0:  # ids[0]'s logprob came from the first request
+                total += entry[str(token_id)]["logprob"]
+        return total, None
+
+    def _top_k_likelihood(self, model: str, messages: list[dict]) -> Likelihood:
         resp, note = self._call(model, messages, max_tokens=1, logprobs=True, top_logprobs=TOP_LOGPROBS)
         if resp is None:
             return Likelihood(None, note)
@@ -179,6 +284,13 @@ class HttpBackend:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _logsumexp(values: list[float]) -> float:
+    top = max(values)
+    if top == -math.inf:
+        return top
+    return top + math.log(sum(math.exp(v - top) for v in values))
 
 
 def _error_message(err) -> str:

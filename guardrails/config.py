@@ -57,6 +57,8 @@ class InputConfig(StageConfig):
                                                     "`document_categories`. false: the whole message is the request.")
     document_categories: list[str] = Field(default_factory=lambda: ["prompt_injection"],
                                            description="Categories whose rules also run on pasted documents.")
+    cache_size: int = Field(default=512, ge=0, description="Verdicts of recent messages kept, keyed by their SHA-256 "
+                                                           "(a client resending a long abstract pays once); 0: off.")
 
 
 class DisclaimerConfig(_Strict):

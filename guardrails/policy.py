@@ -23,10 +23,12 @@ or a non-blocking `redact` verdict when placeholders were inserted.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
+import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from medtune.guardrails.audit import AuditLog
@@ -89,6 +91,8 @@ class PolicyGuard:
         d = policy.output.disclaimer
         self._cues = [re.compile(c) for c in d.cues]
         self._skip = re.compile(d.skip_if) if d.skip_if else None
+        self._cache: OrderedDict[bytes, Decision] = OrderedDict()
+        self._cache_lock = threading.Lock()
 
     # ---- the Guard interface ----------------------------------------------------------------
     def warmup(self) -> "PolicyGuard":
@@ -100,11 +104,31 @@ class PolicyGuard:
         return self
 
     def check_input(self, text: str, *, request_id: str | None = None) -> Verdict:
-        decision = self.evaluate(text)
+        decision = self._cached_evaluate(text)
         verdict = decision.verdict()
         self.audit.record(stage="input", verdict=verdict, request_id=request_id, chars=len(text),
                           redacted_text=decision.text, counts=decision.counts)
         return verdict
+
+    def _cached_evaluate(self, text: str) -> Decision:
+        """`evaluate`, remembered for the last `input.cache_size` messages: the policy is a pure function of the
+        text, and clients resend the same long message (a conversation's earlier turns, one abstract scored
+        against several answers). Keyed by SHA-256; what is kept is the decision (redacted text), never the raw text."""
+        size = self.policy.input.cache_size
+        if not size or not isinstance(text, str):
+            return self.evaluate(text)
+        key = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+        with self._cache_lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        decision = self.evaluate(text)
+        with self._cache_lock:
+            self._cache[key] = decision
+            while len(self._cache) > size:
+                self._cache.popitem(last=False)
+        return decision
 
     def output_filter(self, *, request_id: str | None = None) -> "StreamFilter":
         return StreamFilter(self, request_id)

@@ -6,9 +6,18 @@ shapes are the ones the official client expects. Extra fields the client may sen
 ignored; features this server does not have (n > 1, tools, images) are refused with 400.
 
     GET  /health                 200 when engines are loaded, 503 before (no key needed)
+    GET  /metrics                Prometheus text format (serving/metrics.py)
     GET  /v1/models              base, finetuned, <run_id>/step_N; extra field `medtune`
     POST /v1/chat/completions    stream or not; guardrails before and after the engine
-    POST /v1/completions         raw prompt (no chat template); same guardrails
+    POST /v1/completions         raw prompt (no chat template); same guardrails; echo + logprobs gives
+                                 the prompt tokens' logprobs (as OpenAI's legacy API and vLLM do)
+    POST /tokenize               token ids (and strings) of a prompt or of rendered messages (vLLM's route)
+
+Extensions under vLLM's names, for scoring (medtune eval uses them): `logprob_token_ids` (the
+logprobs of these token ids at each generated position, instead of the top k),
+`prompt_logprobs` (chat: each prompt token's logprob, in vLLM's shape), `continue_final_message`
+and `add_generation_prompt` (chat: score or continue a final assistant turn; its text is
+tokenized apart from the prompt, as training tokenizes the answer).
 
 Errors are `{"error": {"message", "type", "param", "code"}}` with 400/401/404/413/429/503.
 """
@@ -27,7 +36,7 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from openai.types import Completion, CompletionChoice, CompletionUsage, Model
 from openai.types import completion_create_params as completion_params
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage, ChatCompletionTokenLogprob
@@ -38,10 +47,10 @@ from openai.types.chat.chat_completion_chunk import ChoiceDelta
 from openai.types.chat.chat_completion_chunk import ChoiceLogprobs as ChunkLogprobs
 from openai.types.chat.chat_completion_token_logprob import TopLogprob
 from openai.types.completion_choice import Logprobs as CompletionLogprobs
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, TypeAdapter, ValidationError
 
 from medtune.guardrails.base import NoGuard, Verdict
-from medtune.serving.engine import Delta, EngineError, GenRequest, TokenLogprob
+from medtune.serving.engine import Delta, EngineError, EngineRequestError, GenRequest, TokenLogprob
 from medtune.serving.service import ModelNotFound, ServedModel, Service
 
 log = logging.getLogger(__name__)
@@ -49,7 +58,33 @@ log = logging.getLogger(__name__)
 CHAT_REQUEST = TypeAdapter(chat_params.CompletionCreateParamsNonStreaming | chat_params.CompletionCreateParamsStreaming)
 COMPLETION_REQUEST = TypeAdapter(completion_params.CompletionCreateParamsNonStreaming | completion_params.CompletionCreateParamsStreaming)
 MAX_TOP_LOGPROBS = 20
-UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "response_format", "audio", "modalities", "prediction", "best_of", "suffix")
+MAX_LOGPROB_TOKEN_IDS = 64
+
+
+class Extensions(BaseModel):
+    """Request fields beyond the OpenAI API, under the names vLLM's server gives them."""
+
+    model_config = ConfigDict(extra="ignore")
+    logprob_token_ids: list[StrictInt] | None = Field(default=None, min_length=1, max_length=MAX_LOGPROB_TOKEN_IDS)
+    prompt_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    continue_final_message: StrictBool = False
+    add_generation_prompt: StrictBool = True
+    structured_outputs: dict | None = None
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    prompt: str | None = None
+    messages: list[dict] | None = Field(default=None, max_length=256)
+    add_special_tokens: StrictBool | None = None
+    add_generation_prompt: StrictBool = True
+    return_token_strs: StrictBool = False
+ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/tokenize")
+GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
+UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "audio", "modalities", "prediction", "best_of", "suffix")
+STRUCTURED_KEYS = ("choice", "json", "json_object", "regex")  # vLLM's StructuredOutputsParams fields served here
+MAX_CHOICES = 64
 
 
 class APIError(Exception):
@@ -68,9 +103,16 @@ def error_response(err: APIError) -> JSONResponse:
 class Admission:
     def __init__(self, max_concurrent: int, max_queue: int, retry_after_s: int) -> None:
         self.slots = asyncio.Semaphore(max_concurrent)
+        self.max_concurrent = max_concurrent
         self.limit = max_concurrent + max_queue
         self.retry_after_s = retry_after_s
         self.tickets = 0
+
+    def running(self) -> int:
+        return self.max_concurrent - self.slots._value  # noqa: SLF001 - asyncio keeps the free count there
+
+    def queued(self) -> int:
+        return max(0, self.tickets - self.running())
 
     def admit(self) -> None:
         """Take a ticket now (or 429); the ticket is given back by `release`."""
@@ -98,6 +140,9 @@ class Outcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     guardrail: dict | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    created: float = field(default_factory=time.perf_counter)  # when the request was read
+    first_token_at: float | None = None
 
 
 @dataclass
@@ -126,8 +171,14 @@ async def run_job(service: Service, job: Job) -> AsyncIterator[Event]:
     async with contextlib.aclosing(job.model.engine.generate(job.gen)) as stream:
         async for delta in stream:
             delta: Delta
+            if delta.token_ids and job.outcome.first_token_at is None:
+                job.outcome.first_token_at = time.perf_counter()
             job.outcome.completion_tokens += len(delta.token_ids)
+            if delta.prompt_logprobs is not None:
+                job.outcome.prompt_logprobs = delta.prompt_logprobs
             text, verdict = out_filter.push(delta.text)
+            if verdict is not None:
+                service.metrics.verdict("output", verdict)
             if verdict is not None and verdict.blocked:
                 job.outcome.guardrail = guardrail_info("output", verdict)
                 yield Event(text + verdict.text, delta.logprobs, None)
@@ -142,6 +193,7 @@ async def run_job(service: Service, job: Job) -> AsyncIterator[Event]:
     if finish != "content_filter":
         tail, verdict = out_filter.finish()
         if verdict is not None:
+            service.metrics.verdict("output", verdict)
             job.outcome.guardrail = guardrail_info("output", verdict)
             if verdict.blocked:
                 finish = "content_filter"
@@ -159,6 +211,9 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
                   docs_url=None, redoc_url=None)
     app.state.service = service
     app.state.admission = admission
+    metrics = service.metrics
+    metrics.in_progress.set_function(admission.running)
+    metrics.queue_depth.set_function(admission.queued)
 
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, err: APIError):
@@ -183,13 +238,28 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        if api_key and request.url.path != "/health":
+        path = request.url.path
+        route = path if path in ROUTES else "other"
+        if api_key and path != "/health":
             header = request.headers.get("authorization", "")
             given = header[7:] if header.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(given.encode(), api_key.encode()):
+                metrics.requests.labels(route, "", "401").inc()
                 return error_response(APIError(401, "missing or invalid API key: send Authorization: Bearer <key>",
                                                type="authentication_error", code="invalid_api_key"))
-        return await call_next(request)
+        started = time.perf_counter()
+        response = await call_next(request)
+        model = getattr(request.state, "model_id", "")
+        metrics.requests.labels(route, model, str(response.status_code)).inc()
+        if not isinstance(response, StreamingResponse) or response.status_code != 200 or route not in GENERATION_ROUTES:
+            metrics.latency.labels(route, model).observe(time.perf_counter() - started)
+        return response  # a generation stream's latency is observed when its last byte is sent
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health():
@@ -215,19 +285,42 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await _read_json(request, cfg.max_request_bytes)
+        request.state.model_id = _model_label(service, body)
         params = _validate(CHAT_REQUEST, body)
         # The input guard (an encoder pass per message) and the tokenizer are CPU work: off the loop.
         job, stream, include_usage = await asyncio.to_thread(_held_job, service, params, _chat_job)
         return await _respond(service, admission, job, stream, include_usage, chat=True)
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = await _read_json(request, cfg.max_request_bytes)
+        try:
+            req = TokenizeRequest.model_validate(body)
+        except ValidationError as err:
+            raise _validation_error(err) from None
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of 'prompt' and 'messages'", param="prompt")
+        model = _resolve(service, req.model)
+        try:
+            return await asyncio.to_thread(_tokenize, model, req, cfg.max_model_len)
+        finally:
+            service.release(model)
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await _read_json(request, cfg.max_request_bytes)
+        request.state.model_id = _model_label(service, body)
         params = _validate(COMPLETION_REQUEST, body)
         job, stream, include_usage = await asyncio.to_thread(_held_job, service, params, _completion_job)
         return await _respond(service, admission, job, stream, include_usage, chat=False)
 
     return app
+
+
+def _model_label(service: Service, body: dict) -> str:
+    """The model id as a metrics label: one of the served ids, else "unknown" (labels must stay few)."""
+    model = body.get("model") if isinstance(body, dict) else None
+    return model if isinstance(model, str) and model in {mid for mid, _, _ in service.models()} else "unknown"
 
 
 def _model_card(model_id: str, model: ServedModel, kind: str) -> Model:
@@ -250,6 +343,31 @@ async def _read_json(request: Request, limit: int) -> dict:
     return body
 
 
+def _tokenize(model: ServedModel, req: TokenizeRequest, max_model_len: int) -> dict:
+    tokenizer = model.tokenizer
+    if req.messages is not None:
+        messages = [{"role": str(m.get("role")), "content": _text_of(m.get("content"), f"messages.{i}.content")}
+                    for i, m in enumerate(req.messages)]
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt, tokenize=False)
+        except Exception as err:  # noqa: BLE001
+            raise APIError(400, f"the chat template of {req.model!r} rejected these messages: {err}", param="messages") from None
+        ids = tokenizer(text, add_special_tokens=bool(req.add_special_tokens))["input_ids"]
+    else:
+        ids = tokenizer(req.prompt, add_special_tokens=True if req.add_special_tokens is None else req.add_special_tokens)["input_ids"]
+    out = {"tokens": ids, "count": len(ids), "max_model_len": max_model_len}
+    if req.return_token_strs:
+        out["token_strs"] = [tokenizer.decode([t]) for t in ids]
+    return out
+
+
+def _validation_error(err: ValidationError) -> APIError:
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"] if not str(p).startswith("CompletionCreateParams")]
+    param = ".".join(loc) or None
+    return APIError(400, f"invalid request: {param or 'body'}: {first['msg']}", param=param)
+
+
 def _validate(adapter: TypeAdapter, body: dict) -> dict:
     try:
         params = dict(adapter.validate_python(body))
@@ -260,15 +378,56 @@ def _validate(adapter: TypeAdapter, body: dict) -> dict:
                     m["content"] = [dict(part) for part in m["content"]]
         if isinstance(params.get("stop"), list):
             params["stop"] = list(params["stop"])
+        params["_ext"] = Extensions.model_validate(body)
     except ValidationError as err:
-        first = err.errors()[0]
-        loc = [str(p) for p in first["loc"] if not str(p).startswith("CompletionCreateParams")]
-        param = ".".join(loc) or None
-        raise APIError(400, f"invalid request: {param or 'body'}: {first['msg']}", param=param) from None
+        raise _validation_error(err) from None
     for name in UNSUPPORTED:
-        if params.get(name) not in (None, [], {}) and not (name == "response_format" and params[name].get("type") == "text"):
+        if params.get(name) not in (None, [], {}):
             raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported")
     return params
+
+
+def _structured(params: dict, ext: Extensions, engine) -> dict | None:
+    """The output constraint: OpenAI's `response_format` (json_object, json_schema) or vLLM's `structured_outputs`
+    (choice, json, json_object, regex), as vLLM's StructuredOutputsParams fields; 400 for what the engine cannot do."""
+    found = {}
+    fmt = params.get("response_format")
+    if fmt:
+        kind = fmt.get("type")
+        if kind == "json_object":
+            found["json_object"] = True
+        elif kind == "json_schema":
+            schema = (fmt.get("json_schema") or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise APIError(400, "response_format.json_schema.schema must be a JSON schema object", param="response_format")
+            found["json"] = schema
+        elif kind != "text":
+            raise APIError(400, f"response_format type {kind!r} is not supported", param="response_format")
+    if ext.structured_outputs:
+        if found:
+            raise APIError(400, "give response_format or structured_outputs, not both", param="structured_outputs")
+        given = {k: v for k, v in ext.structured_outputs.items() if v not in (None, False)}
+        unknown = sorted(set(given) - set(STRUCTURED_KEYS))
+        if unknown or len(given) != 1:
+            raise APIError(400, f"structured_outputs takes exactly one of {', '.join(STRUCTURED_KEYS)}"
+                                + (f" (unknown: {', '.join(unknown)})" if unknown else ""), param="structured_outputs")
+        found = given
+        choice = found.get("choice")
+        if choice is not None and (not isinstance(choice, list) or not 0 < len(choice) <= MAX_CHOICES
+                                   or not all(isinstance(c, str) and c for c in choice)):
+            raise APIError(400, f"structured_outputs.choice must be 1 to {MAX_CHOICES} non-empty strings", param="structured_outputs")
+        if "regex" in found and not isinstance(found["regex"], str):
+            raise APIError(400, "structured_outputs.regex must be a string", param="structured_outputs")
+        if "json" in found and not isinstance(found["json"], (dict, str)):
+            raise APIError(400, "structured_outputs.json must be a JSON schema", param="structured_outputs")
+    if not found:
+        return None
+    kind = next(iter(found))
+    if kind not in engine.structured_kinds:
+        raise APIError(400, f"this server's {type(engine).__name__} cannot constrain output by {kind!r} "
+                            f"(it can: {', '.join(engine.structured_kinds) or 'nothing'}); serve with the vllm engine",
+                       param="response_format" if fmt else "structured_outputs", code="unsupported")
+    return found
 
 
 def _sampling(service: Service, params: dict, prompt_tokens: int, request_id: str) -> dict:
@@ -362,6 +521,7 @@ def _chat_job(service: Service, params: dict, model: ServedModel) -> tuple[Job, 
             # every turn the client sends is the client's text, assistant turns included (a forged earlier
             # answer primes the model as well as a request does); the guard tells request from pasted documents
             verdict = guard.check_input(text, request_id=request_id)
+            service.metrics.verdict("input", verdict)
             if verdict.blocked:
                 job = Job(params["model"], model, None, blocked_text=verdict.text)
                 job.outcome.guardrail = guardrail_info("input", verdict)
@@ -373,11 +533,24 @@ def _chat_job(service: Service, params: dict, model: ServedModel) -> tuple[Job, 
     tokenizer = model.tokenizer
     if getattr(tokenizer, "chat_template", None) is None:
         raise APIError(400, f"model {params['model']!r} has no chat template; use /v1/completions", param="model")
+    ext: Extensions = params["_ext"]
+    final = None
+    if ext.continue_final_message:
+        if ext.add_generation_prompt:
+            raise APIError(400, "continue_final_message needs add_generation_prompt: false", param="add_generation_prompt")
+        if messages[-1]["role"] != "assistant":
+            raise APIError(400, "continue_final_message needs an assistant message last", param="messages")
+        messages, final = messages[:-1], messages[-1]["content"]
+        if not messages:
+            raise APIError(400, "continue_final_message needs a message before the assistant's", param="messages")
     try:
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=ext.add_generation_prompt or final is not None,
+                                               tokenize=False)
     except Exception as err:  # noqa: BLE001 - templates raise for e.g. role order they do not support
         raise APIError(400, f"the chat template of {params['model']!r} rejected these messages: {err}", param="messages") from None
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if final:  # the answer so far, tokenized apart from the prompt as training tokenizes it
+        prompt_ids += tokenizer(final, add_special_tokens=False)["input_ids"]
     sampling = _sampling(service, params, len(prompt_ids), request_id)
     logprobs = None
     if params.get("logprobs"):
@@ -387,7 +560,11 @@ def _chat_job(service: Service, params: dict, model: ServedModel) -> tuple[Job, 
         logprobs = top
     elif params.get("top_logprobs"):
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    gen = GenRequest(prompt_ids=prompt_ids, logprobs=logprobs, adapter=model.adapter, **sampling)
+    if ext.prompt_logprobs is not None and params.get("stream"):
+        raise APIError(400, "prompt_logprobs is not supported with stream: true", param="prompt_logprobs", code="unsupported")
+    gen = GenRequest(prompt_ids=prompt_ids, logprobs=logprobs, adapter=model.adapter,
+                     logprob_token_ids=_token_ids(ext, logprobs, tokenizer), prompt_logprobs=ext.prompt_logprobs,
+                     structured=_structured(params, ext, model.engine), **sampling)
     job = Job(params["model"], model, gen)
     job.outcome.prompt_tokens = len(prompt_ids)
     return job, bool(params.get("stream")), _include_usage(params)
@@ -406,6 +583,7 @@ def _completion_job(service: Service, params: dict, model: ServedModel) -> tuple
     tokenizer = model.tokenizer
     if isinstance(prompt, str):
         verdict = (service.guard or NoGuard()).check_input(prompt, request_id=request_id)
+        service.metrics.verdict("input", verdict)
         if verdict.blocked:
             job = Job(params["model"], model, None, blocked_text=verdict.text)
             job.outcome.guardrail = guardrail_info("input", verdict)
@@ -424,12 +602,28 @@ def _completion_job(service: Service, params: dict, model: ServedModel) -> tuple
     logprobs = params.get("logprobs")
     if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
         raise APIError(400, f"logprobs {logprobs} is out of range [0, {MAX_TOP_LOGPROBS}]", param="logprobs")
-    if params.get("echo") and logprobs is not None:
-        raise APIError(400, "echo together with logprobs (prompt logprobs) is not supported", param="echo", code="unsupported")
-    gen = GenRequest(prompt_ids=prompt_ids, logprobs=logprobs, adapter=model.adapter, **sampling)
+    prompt_logprobs = None
+    if params.get("echo") and logprobs is not None:  # the prompt's own logprobs, before the completion's
+        if params.get("stream"):
+            raise APIError(400, "echo with logprobs is not supported with stream: true", param="echo", code="unsupported")
+        prompt_logprobs = logprobs
+    gen = GenRequest(prompt_ids=prompt_ids, logprobs=logprobs, adapter=model.adapter, prompt_logprobs=prompt_logprobs,
+                     logprob_token_ids=_token_ids(params["_ext"], logprobs, tokenizer),
+                     structured=_structured(params, params["_ext"], model.engine), **sampling)
     job = Job(params["model"], model, gen, echo=prompt if params.get("echo") else "")
     job.outcome.prompt_tokens = len(prompt_ids)
     return job, bool(params.get("stream")), _include_usage(params)
+
+
+def _token_ids(ext: Extensions, logprobs: int | None, tokenizer) -> list[int] | None:
+    if not ext.logprob_token_ids:
+        return None
+    if logprobs is None:
+        raise APIError(400, "logprob_token_ids needs logprobs", param="logprob_token_ids")
+    vocab = len(tokenizer)
+    if any(not 0 <= t < vocab for t in ext.logprob_token_ids):
+        raise APIError(400, f"logprob_token_ids must be in [0, {vocab})", param="logprob_token_ids")
+    return list(ext.logprob_token_ids)
 
 
 def _include_usage(params: dict) -> bool:
@@ -446,11 +640,14 @@ async def _respond(service: Service, admission: Admission, job: Job, stream: boo
         try:
             async with admission.slots:
                 events = [event async for event in run_job(service, job)]
+        except EngineRequestError as err:
+            raise APIError(400, f"the engine refused the request: {err}") from None
         except EngineError as err:
             raise APIError(500, f"generation failed: {err}", type="server_error") from None
         finally:
             admission.release()
             service.release(job.model)
+            _observe(service, job, chat)
         text = job.echo + "".join(e.text for e in events)
         finish = events[-1].finish_reason
         lps = [lp for e in events for lp in (e.logprobs or [])]
@@ -460,11 +657,17 @@ async def _respond(service: Service, admission: Admission, job: Job, stream: boo
         if chat:
             choice = Choice(index=0, message=ChatCompletionMessage(role="assistant", content=text), finish_reason=finish,
                             logprobs=_chat_logprobs(lps) if job.gen and job.gen.logprobs is not None else None)
+            if job.gen and job.gen.prompt_logprobs is not None:
+                extra["prompt_logprobs"] = _vllm_prompt_logprobs(job.outcome.prompt_logprobs, job.gen.prompt_ids)
             body = ChatCompletion(id=request_id, object="chat.completion", created=created, model=job.model_id, choices=[choice],
                                   usage=usage, system_fingerprint=fingerprint, **extra)
         else:
+            first = ""
+            if job.gen and job.gen.prompt_logprobs is not None:  # echo: the prompt's tokens first, the first one unscored
+                lps = [*(job.outcome.prompt_logprobs or []), *lps]
+                first = job.model.tokenizer.decode(job.gen.prompt_ids[:1])
             choice = CompletionChoice(index=0, text=text, finish_reason=finish,
-                                      logprobs=_completion_logprobs(lps) if job.gen and job.gen.logprobs is not None else None)
+                                      logprobs=_completion_logprobs(lps, first) if job.gen and job.gen.logprobs is not None else None)
             body = Completion(id=request_id, object="text_completion", created=created, model=job.model_id, choices=[choice],
                               usage=usage, system_fingerprint=fingerprint, **extra)
         return JSONResponse(body.model_dump(exclude_none=False))
@@ -496,8 +699,21 @@ async def _respond(service: Service, admission: Admission, job: Job, stream: boo
         finally:
             admission.release()
             service.release(job.model)
+            _observe(service, job, chat, stream=True)
 
     return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
+
+
+def _observe(service: Service, job: Job, chat: bool, stream: bool = False) -> None:
+    m, o, now = service.metrics, job.outcome, time.perf_counter()
+    if stream:  # a stream's latency to its last byte (the middleware saw only the headers)
+        m.latency.labels("/v1/chat/completions" if chat else "/v1/completions", job.model_id).observe(now - o.created)
+    m.tokens.labels(job.model_id, "prompt").inc(o.prompt_tokens)
+    m.tokens.labels(job.model_id, "completion").inc(o.completion_tokens)
+    if o.first_token_at is not None:
+        m.ttft.labels(job.model_id).observe(o.first_token_at - o.created)
+        if o.completion_tokens > 1 and now > o.created:
+            m.tokens_per_s.labels(job.model_id).observe(o.completion_tokens / (now - o.created))
 
 
 def _sse(chunk) -> str:
@@ -542,10 +758,31 @@ def _chat_logprobs(lps: list[TokenLogprob]) -> ChoiceLogprobs:
     return ChoiceLogprobs(content=_token_logprobs(lps))
 
 
-def _completion_logprobs(lps: list[TokenLogprob]) -> CompletionLogprobs:
-    offsets, position = [], 0
+def _completion_logprobs(lps: list[TokenLogprob | None], first: str = "") -> CompletionLogprobs:
+    """OpenAI's legacy shape; with echo the first prompt token (`first`) has no logprob (null), as OpenAI and vLLM send it."""
+    offsets, position, tokens = [], 0, []
     for lp in lps:
         offsets.append(position)
-        position += len(lp.token)
-    return CompletionLogprobs(tokens=[lp.token for lp in lps], token_logprobs=[lp.logprob for lp in lps],
-                              top_logprobs=[dict(lp.top) for lp in lps], text_offset=offsets)
+        token = lp.token if lp is not None else first
+        tokens.append(token)
+        position += len(token)
+    # model_construct: the openai type declares List[float], the wire format allows the leading null
+    return CompletionLogprobs.model_construct(tokens=tokens, token_logprobs=[lp.logprob if lp else None for lp in lps],
+                                              top_logprobs=[dict(lp.top) if lp else None for lp in lps], text_offset=offsets)
+
+
+def _vllm_prompt_logprobs(lps: list[TokenLogprob | None] | None, prompt_ids: list[int]) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: per prompt token null (the first) or {token id: {logprob, rank, decoded_token}},
+    the prompt's own token first, then the top k."""
+    out: list[dict | None] = []
+    for token_id, lp in zip(prompt_ids, lps or [None] * len(prompt_ids)):
+        if lp is None:
+            out.append(None)
+            continue
+        entry = {str(token_id): {"logprob": lp.logprob, "rank": None, "decoded_token": lp.token}}
+        for rank, (tid, (text, value)) in enumerate(zip(lp.top_ids, lp.top), start=1):
+            entry.setdefault(str(tid), {"logprob": value, "rank": rank, "decoded_token": text})
+            if str(tid) == str(token_id):
+                entry[str(tid)]["rank"] = rank
+        out.append(entry)
+    return out

@@ -58,6 +58,11 @@ class MedtuneServer:
         self.api_key = api_key(cfg)
         self._starting = asyncio.get_event_loop().create_task(self.service.start())
 
+    def __del__(self) -> None:
+        # Serve calls this on a graceful stop; the engines go with the process, the merged copies
+        # on local disk would not.
+        self.service.remove_files()
+
     def __serve_build_asgi_app__(self):
         from medtune.serving.api import create_app
 

@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guardrails", default=None, help="default, none, or a policy YAML")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length: prompt plus completion tokens")
     parser.add_argument("--max-tokens-cap", type=int, default=None, help="largest max_tokens a request may ask for")
+    parser.add_argument("--lora-mode", choices=("auto", "adapter", "merged"), default=None,
+                        help="serve a LoRA fine-tune as an adapter or merged into a copy of the base (default auto: adapter on CUDA, merged elsewhere)")
     parser.add_argument("--no-finetuned", action="store_true", help="serve the base model only")
     parser.add_argument("--ray-address", default=None,
                         help="join this Ray cluster (e.g. auto) instead of starting a local one")
@@ -52,7 +54,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     overrides = {"base_model": args.base_model, "storage": args.storage, "engine": args.engine, "host": args.host,
                  "port": args.port, "guardrails": args.guardrails,
-                 "max_model_len": args.max_model_len, "max_tokens_cap": args.max_tokens_cap}
+                 "max_model_len": args.max_model_len, "max_tokens_cap": args.max_tokens_cap, "lora_mode": args.lora_mode}
     if args.no_finetuned:
         overrides["serve_finetuned"] = False
     cfg = load_config(args.config, overrides)

@@ -19,6 +19,7 @@ from medtune.fileio import read_yaml_mapping
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "smollm2.yaml"
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
 
 class ServeConfig(BaseModel):
@@ -39,8 +40,17 @@ class ServeConfig(BaseModel):
     retry_after_s: int = Field(default=1, description="Retry-After sent with 429.")
     serve_finetuned: bool = Field(default=True, description="Serve the latest checkpoint from storage as `finetuned`.")
     watch_interval_s: float = Field(default=5.0, description="How often storage LATEST is polled for a new checkpoint.")
+    lora_mode: Literal["auto", "adapter", "merged"] = Field(
+        default="auto",
+        description="How a LoRA fine-tune is served: adapter (one engine, the adapter applied per request; multi-LoRA on GPU), "
+                    "merged (the adapter merged into a copy of the base, in an engine of its own; base speed on CPU), "
+                    "auto (adapter on CUDA, merged elsewhere).")
+    merge_dir: str | None = Field(default=None, description="merged mode: where merged copies are written (default: a temporary "
+                                                              "directory, removed when the copy is retired).")
     max_loras: int = Field(default=2, description="Adapters resident in the engine at once (the current one and the one it replaces).")
-    max_lora_rank: int = Field(default=64, description="Largest LoRA rank the engine accepts.")
+    max_lora_rank: int | Literal["auto"] = Field(
+        default="auto", description="Largest LoRA rank the engine accepts; auto sizes it to the adapter in storage at start "
+                                    "(vLLM pads every adapter to this rank, so a larger value costs time).")
     guardrails: str = Field(default="default", description="Guardrails policy: default, none, or a policy YAML path.")
     kv_cache_gib: float = Field(default=1.0, description="CPU only: GiB of RAM reserved for the KV cache.")
     gpu_memory_utilization: float = Field(default=0.9, description="GPU only: fraction of GPU memory vLLM may use.")
@@ -90,9 +100,11 @@ def load_config(config: str | Path | None = None, overrides: dict | None = None)
 def validate(cfg: ServeConfig) -> list[str]:
     problems = []
     for name in ("max_model_len", "max_tokens_cap", "default_max_tokens", "max_request_bytes", "max_concurrent",
-                 "max_loras", "max_lora_rank", "tensor_parallel_size"):
+                 "max_loras", "tensor_parallel_size"):
         if getattr(cfg, name) < 1:
             problems.append(f"{name} = {getattr(cfg, name)}: must be at least 1")
+    if cfg.max_lora_rank != "auto" and cfg.max_lora_rank not in LORA_RANKS:
+        problems.append(f"max_lora_rank = {cfg.max_lora_rank}: vLLM accepts one of {', '.join(map(str, LORA_RANKS))} (or auto)")
     if cfg.max_queue < 0:
         problems.append(f"max_queue = {cfg.max_queue}: must be 0 or more")
     if cfg.default_max_tokens > cfg.max_tokens_cap:
@@ -118,6 +130,24 @@ def validate(cfg: ServeConfig) -> list[str]:
     elif not looks_like_hub_id:
         problems.append(f"base_model = {cfg.base_model}: no such model directory (run `make model`, or give a HF directory)")
     return problems
+
+
+def resolved_lora_mode(cfg: ServeConfig) -> str:
+    """adapter or merged: `auto` is adapter where CUDA is (multi-LoRA kernels), merged elsewhere (vLLM-CPU's LoRA
+    path runs at a third of the base's speed; a merged copy runs at the base's)."""
+    if cfg.lora_mode != "auto":
+        return cfg.lora_mode
+    from medtune.serving.engine import has_cuda
+
+    return "adapter" if has_cuda() else "merged"
+
+
+def lora_rank_for(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds an adapter of `rank`."""
+    for allowed in LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise MedtuneError(f"LoRA rank {rank} is over the largest rank vLLM serves ({LORA_RANKS[-1]}); use lora_mode: merged")
 
 
 def api_key(cfg: ServeConfig) -> str | None:

@@ -44,6 +44,9 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob and the top k
+    logprob_token_ids: list[int] | None = None  # with logprobs: these tokens' logprobs instead of the top k
+    prompt_logprobs: int | None = None  # None: off; k >= 0: each prompt token's logprob (and the top k), first Delta
+    structured: dict | None = None  # vLLM's StructuredOutputsParams fields: {"choice": [...]}, {"json": schema}, ...
     adapter: Adapter | None = None
 
 
@@ -52,6 +55,8 @@ class TokenLogprob:
     token: str
     logprob: float
     top: tuple[tuple[str, float], ...] = ()
+    token_id: int = -1
+    top_ids: tuple[int, ...] = ()  # the ids of `top`, same order
 
 
 @dataclass
@@ -62,14 +67,20 @@ class Delta:
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # "stop" | "length" on the last delta
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # first delta only; None for the first prompt token
 
 
 class EngineError(Exception):
     """The engine could not do what was asked (bad adapter, engine dead); message is user-safe."""
 
 
+class EngineRequestError(EngineError):
+    """The engine refused this request's parameters (e.g. a JSON schema it cannot compile): the client's error."""
+
+
 class Engine(ABC):
     supports_lora: bool = False
+    structured_kinds: tuple[str, ...] = ()  # the structured-output constraints it can apply
 
     @abstractmethod
     async def start(self) -> None: ...
@@ -91,11 +102,20 @@ class Engine(ABC):
         return {}
 
 
-def make_engine(kind: str, model_path: str, cfg, *, enable_lora: bool) -> Engine:
+def has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def make_engine(kind: str, model_path: str, cfg, *, enable_lora: bool, max_lora_rank: int | None = None) -> Engine:
     if kind == "vllm":
         from medtune.serving.vllm_engine import VLLMEngine
 
-        return VLLMEngine(model_path, cfg, enable_lora=enable_lora)
+        return VLLMEngine(model_path, cfg, enable_lora=enable_lora, max_lora_rank=max_lora_rank)
     if kind == "transformers":
         return HFEngine(model_path, cfg, enable_lora=enable_lora)
     raise EngineError(f"unknown engine {kind!r}: use vllm or transformers")
@@ -110,6 +130,7 @@ class HFEngine(Engine):
     """
 
     supports_lora = True
+    structured_kinds = ("choice",)  # a token trie over the choices; grammars need vLLM
 
     def __init__(self, model_path: str, cfg, *, enable_lora: bool) -> None:
         self.model_path = model_path
@@ -224,17 +245,31 @@ class HFEngine(Engine):
         past = None
         out_ids: list[int] = []
         sent_text = ""
+        choices = None
+        if request.structured and "choice" in request.structured:
+            choices = [tok(c, add_special_tokens=False)["input_ids"] for c in request.structured["choice"]]
         with torch.inference_mode(), adapter_ctx:
             while not cancel.is_set():
                 result = model(input_ids=ids, past_key_values=past, use_cache=True)
+                prompt_lps = None
+                if past is None and request.prompt_logprobs is not None:
+                    prompt_lps = self._prompt_logprobs(result.logits[0, :-1].float(), request.prompt_ids, request.prompt_logprobs)
                 past = result.past_key_values
                 logits = result.logits[0, -1].float()
                 logprobs_all = torch.log_softmax(logits, dim=-1)
+                if choices is not None:  # only tokens that continue some choice
+                    allowed = {c[len(out_ids)] for c in choices if len(c) > len(out_ids) and c[:len(out_ids)] == out_ids}
+                    mask = torch.full_like(logits, float("-inf"))
+                    mask[list(allowed)] = 0.0
+                    logits = logits + mask
                 token = self._sample(logits, request, generator)
                 out_ids.append(token)
                 finish = None
                 if token in eos:
                     finish = "stop"
+                elif choices is not None and out_ids in choices and not any(len(c) > len(out_ids) and c[:len(out_ids)] == out_ids
+                                                                           for c in choices):
+                    finish = "stop"  # a whole choice, and no longer one it could still become
                 text = tok.decode(out_ids, skip_special_tokens=True)
                 if text.endswith("\ufffd") and finish is None:
                     new_text = ""  # half a multi-byte character: wait for the rest
@@ -250,16 +285,31 @@ class HFEngine(Engine):
                     finish = "length"
                 lp = None
                 if request.logprobs is not None:
-                    top = []
-                    if request.logprobs > 0:
-                        values, indices = torch.topk(logprobs_all, request.logprobs)
-                        top = [(tok.decode([int(i)]), float(v)) for v, i in zip(values, indices)]
-                    lp = [TokenLogprob(tok.decode([token]), float(logprobs_all[token]), tuple(top))]
+                    top_ids = []
+                    if request.logprob_token_ids:
+                        top_ids = list(request.logprob_token_ids)
+                    elif request.logprobs > 0:
+                        top_ids = [int(i) for i in torch.topk(logprobs_all, request.logprobs).indices]
+                    top = tuple((tok.decode([t]), float(logprobs_all[t])) for t in top_ids)
+                    lp = [TokenLogprob(tok.decode([token]), float(logprobs_all[token]), top, token, tuple(top_ids))]
                 sent_text += new_text
-                emit(Delta(new_text, [token], lp, finish))
+                emit(Delta(new_text, [token], lp, finish, prompt_lps))
                 if finish:
                     return
                 ids = torch.tensor([[token]])
+
+    def _prompt_logprobs(self, logits, prompt_ids: list[int], k: int) -> list[TokenLogprob | None]:
+        """Each prompt token's logprob given the ones before it (row i of `logits` predicts token i + 1)."""
+        import torch
+
+        tok = self.tokenizer
+        logprobs = torch.log_softmax(logits, dim=-1)
+        out: list[TokenLogprob | None] = [None]
+        for row, token in enumerate(prompt_ids[1:]):
+            top_ids = tuple(int(i) for i in torch.topk(logprobs[row], k).indices) if k > 0 else ()
+            top = tuple((tok.decode([t]), float(logprobs[row, t])) for t in top_ids)
+            out.append(TokenLogprob(tok.decode([token]), float(logprobs[row, token]), top, token, top_ids))
+        return out
 
     @staticmethod
     def _sample(logits, request: GenRequest, generator) -> int:

@@ -11,18 +11,9 @@ import logging
 import os
 from collections.abc import AsyncIterator
 
-from medtune.serving.engine import Adapter, Delta, Engine, EngineError, GenRequest, TokenLogprob
+from medtune.serving.engine import Adapter, Delta, Engine, EngineError, EngineRequestError, GenRequest, TokenLogprob, has_cuda
 
 log = logging.getLogger(__name__)
-
-
-def has_cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def cpu_environment(cfg) -> dict[str, str]:
@@ -39,11 +30,13 @@ def cpu_environment(cfg) -> dict[str, str]:
 
 class VLLMEngine(Engine):
     supports_lora = True
+    structured_kinds = ("choice", "json", "json_object", "regex")  # vLLM's structured outputs (xgrammar / guidance)
 
-    def __init__(self, model_path: str, cfg, *, enable_lora: bool) -> None:
+    def __init__(self, model_path: str, cfg, *, enable_lora: bool, max_lora_rank: int | None = None) -> None:
         self.model_path = model_path
         self.cfg = cfg
         self.enable_lora = enable_lora
+        self.max_lora_rank = max_lora_rank or (cfg.max_lora_rank if isinstance(cfg.max_lora_rank, int) else 64)
         self.engine = None
         self._lora_requests: dict[str, object] = {}
 
@@ -61,7 +54,7 @@ class VLLMEngine(Engine):
             max_model_len=self.cfg.max_model_len,
             enable_lora=self.enable_lora,
             max_loras=self.cfg.max_loras,
-            max_lora_rank=self.cfg.max_lora_rank,
+            max_lora_rank=self.max_lora_rank,
             max_num_seqs=max(self.cfg.max_concurrent, 1),
             gpu_memory_utilization=self.cfg.gpu_memory_utilization,
             tensor_parallel_size=self.cfg.tensor_parallel_size,
@@ -90,32 +83,53 @@ class VLLMEngine(Engine):
 
     async def generate(self, request: GenRequest) -> AsyncIterator[Delta]:
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         lora = None
         if request.adapter is not None:
             lora = self._lora_requests.get(request.adapter.name)
             if lora is None:
                 raise EngineError(f"adapter {request.adapter.name} is not loaded")
-        params = SamplingParams(
+        try:
+            params = self._params(request, SamplingParams, RequestOutputKind, StructuredOutputsParams)
+        except ValueError as err:  # vLLM's validation errors (VLLMValidationError) are ValueErrors
+            raise EngineRequestError(str(err)) from None
+        stream = self.engine.generate({"prompt_token_ids": request.prompt_ids}, params, request.request_id, lora_request=lora)
+        first = True
+        try:
+            async for output in stream:
+                choice = output.outputs[0]
+                prompt_lps = None
+                if first and request.prompt_logprobs is not None:
+                    prompt_lps = _prompt_logprobs(output.prompt_logprobs, request.prompt_ids, request.prompt_logprobs)
+                first = False
+                yield Delta(
+                    text=choice.text,
+                    token_ids=list(choice.token_ids),
+                    logprobs=_logprobs(choice, request.logprobs, request.logprob_token_ids),
+                    finish_reason=choice.finish_reason if output.finished else None,
+                    prompt_logprobs=prompt_lps,
+                )
+        except ValueError as err:  # raised when the request is added (e.g. a schema the grammar backend rejects)
+            if first:
+                raise EngineRequestError(str(err)) from None
+            raise
+
+    @staticmethod
+    def _params(request: GenRequest, SamplingParams, RequestOutputKind, StructuredOutputsParams):
+        return SamplingParams(
             n=1,
             temperature=request.temperature,
             top_p=request.top_p,
             max_tokens=request.max_tokens,
             stop=request.stop or None,
             seed=request.seed,
-            logprobs=request.logprobs,
+            logprobs=None if request.logprob_token_ids else request.logprobs,
+            logprob_token_ids=request.logprob_token_ids if request.logprobs is not None and request.logprob_token_ids else None,
+            prompt_logprobs=request.prompt_logprobs,
+            structured_outputs=StructuredOutputsParams(**request.structured) if request.structured else None,
             output_kind=RequestOutputKind.DELTA,
         )
-        stream = self.engine.generate({"prompt_token_ids": request.prompt_ids}, params, request.request_id, lora_request=lora)
-        async for output in stream:
-            choice = output.outputs[0]
-            yield Delta(
-                text=choice.text,
-                token_ids=list(choice.token_ids),
-                logprobs=_logprobs(choice, request.logprobs),
-                finish_reason=choice.finish_reason if output.finished else None,
-            )
 
     def stats(self) -> dict:
         return {"running": self.engine.get_num_unfinished_requests() if self.engine is not None else 0}
@@ -126,15 +140,27 @@ class VLLMEngine(Engine):
             self.engine = None
 
 
-def _logprobs(choice, k: int | None) -> list[TokenLogprob] | None:
+def _logprobs(choice, k: int | None, token_ids: list[int] | None = None) -> list[TokenLogprob] | None:
     if k is None or choice.logprobs is None:
         return None
-    result = []
-    for token_id, position in zip(choice.token_ids, choice.logprobs):
-        position = position or {}
-        chosen = position.get(token_id)
-        ranked = sorted(((lp.rank or 0, tid, lp) for tid, lp in position.items() if lp.rank is not None and lp.rank <= k),
-                        key=lambda t: t[0])
-        top = tuple((lp.decoded_token or "", float(lp.logprob)) for _, _, lp in ranked[:k])
-        result.append(TokenLogprob(chosen.decoded_token or "" if chosen else "", float(chosen.logprob) if chosen else float("-inf"), top))
-    return result
+    return [_position(position or {}, token_id, k, token_ids) for token_id, position in zip(choice.token_ids, choice.logprobs)]
+
+
+def _prompt_logprobs(positions, prompt_ids: list[int], k: int) -> list[TokenLogprob | None] | None:
+    if positions is None:
+        return None
+    return [None if position is None else _position(position, token_id, k)
+            for token_id, position in zip(prompt_ids, positions)]
+
+
+def _position(position: dict, token_id: int, k: int, token_ids: list[int] | None = None) -> TokenLogprob:
+    """One position's {token id: Logprob} as the token's own logprob plus the top k (or the asked-for ids, in order)."""
+    chosen = position.get(token_id)
+    if token_ids:
+        ids = [t for t in token_ids if t in position]
+    else:
+        ranked = sorted((lp.rank, tid) for tid, lp in position.items() if lp.rank is not None and lp.rank <= k)
+        ids = [tid for _, tid in ranked[:k]]
+    top = tuple((position[t].decoded_token or "", float(position[t].logprob)) for t in ids)
+    return TokenLogprob(chosen.decoded_token or "" if chosen else "", float(chosen.logprob) if chosen else float("-inf"), top,
+                        token_id, tuple(ids))

@@ -757,3 +757,27 @@ def test_cyrillic_look_alikes_are_folded_and_real_cyrillic_is_not(guard):
     assert fold_confusables("Как дела? Привет") == "Как дела? Привет"
     v = guard.check_input(disguised)
     assert v.blocked and v.category == "illicit_drugs", v
+
+
+def test_verdicts_are_cached_by_hash_and_each_call_is_audited(guard, tmp_path, monkeypatch):
+    """A client resending one long abstract pays the policy once; the cache keeps decisions under a hash of the
+    text (no raw text), is bounded, and every call is still audited."""
+    calls = []
+    real = guard.evaluate
+    monkeypatch.setattr(guard, "evaluate", lambda text, **kw: calls.append(text) or real(text, **kw))
+    monkeypatch.setattr(guard, "_cache", type(guard._cache)())
+    recorded = []
+    monkeypatch.setattr(guard.audit, "record", lambda **kw: recorded.append(kw))
+    message = "Does aspirin reduce stroke risk?\n\nContext:\nWe enrolled 400 patients; call me on 415-555-0132."
+    first = guard.check_input(message)
+    again = guard.check_input(message)
+    assert first == again and first.action == "redact" and "555-0132" not in again.text
+    assert len(calls) == 1 and len(recorded) == 2
+    assert all(isinstance(k, bytes) and len(k) == 32 for k in guard._cache)  # SHA-256 keys, not the text
+    monkeypatch.setattr(guard.policy.input, "cache_size", 2)
+    for i in range(5):
+        guard.check_input(f"What is the half-life of drug {i}?")
+    assert len(guard._cache) == 2
+    monkeypatch.setattr(guard.policy.input, "cache_size", 0)
+    guard.check_input(message)
+    assert len(calls) == 7  # off: evaluated again

@@ -343,3 +343,163 @@ def test_api_key_is_enforced(tiny_model_dir, tmp_path):
         assert [m.id for m in good.models.list().data] == ["base"]  # no checkpoint in this storage
         assert ask(good, "base", max_tokens=2).usage.completion_tokens == 2
         assert "s3cret-key" not in json.dumps(httpx.get(url + "/health").json())
+
+
+# ---- scoring extensions: /tokenize, logprob_token_ids, prompt_logprobs, echo + logprobs ---------------
+
+def _post(url: str, path: str, body: dict) -> httpx.Response:
+    return httpx.post(url + path, json=body, timeout=60)
+
+
+def _full_logprobs(service, model_id: str, ids: list[int]):
+    """Reference: one plain forward pass of the served weights over `ids` (no cache, no engine)."""
+    import torch
+
+    model = service.resolve(model_id)
+    net = model.engine.model
+    with torch.inference_mode():
+        if hasattr(net, "disable_adapter") and model.adapter is None:
+            with net.disable_adapter():
+                logits = net(input_ids=torch.tensor([ids])).logits[0].float()
+        else:
+            logits = net(input_ids=torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def test_tokenize_matches_the_served_tokenizer(server):
+    url, service, _ = server
+    body = _post(url, "/tokenize", {"model": "finetuned", "prompt": "Yes", "add_special_tokens": False, "return_token_strs": True}).json()
+    tok = service.resolve("finetuned").tokenizer
+    assert body["tokens"] == tok("Yes", add_special_tokens=False)["input_ids"] and body["count"] == len(body["tokens"])
+    assert "".join(body["token_strs"]) == "Yes"
+    msgs = [{"role": "user", "content": "hi"}]
+    rendered = _post(url, "/tokenize", {"model": "base", "messages": msgs}).json()["tokens"]
+    base_tok = service.resolve("base").tokenizer
+    assert rendered == base_tok(base_tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False),
+                                add_special_tokens=False)["input_ids"]
+    assert _post(url, "/tokenize", {"model": "base"}).status_code == 400
+    assert _post(url, "/tokenize", {"model": "nope", "prompt": "x"}).status_code == 404
+
+
+def test_logprob_token_ids_give_those_tokens_over_the_whole_vocabulary(server, client):
+    url, service, _ = server
+    msgs = [{"role": "user", "content": "Is aspirin useful?"}]
+    asked = [5, 17, 3]
+    r = client.chat.completions.create(model="base", messages=msgs, max_tokens=1, temperature=0, logprobs=True,
+                                       extra_body={"logprob_token_ids": asked})
+    top = r.choices[0].logprobs.content[0].top_logprobs
+    tok = service.resolve("base").tokenizer
+    prompt_ids = tok(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
+    reference = _full_logprobs(service, "base", prompt_ids)[-1]
+    assert [t.token for t in top] == [tok.decode([i]) for i in asked]
+    assert [t.logprob for t in top] == pytest.approx([float(reference[i]) for i in asked], abs=1e-4)
+    bad = _post(url, "/v1/chat/completions", {"model": "base", "messages": msgs, "logprob_token_ids": [1]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "logprob_token_ids"  # needs logprobs
+    bad = _post(url, "/v1/chat/completions", {"model": "base", "messages": msgs, "logprobs": True, "logprob_token_ids": [10**9]})
+    assert bad.status_code == 400
+
+
+def test_continue_final_message_and_prompt_logprobs(server, client):
+    url, service, _ = server
+    msgs = [{"role": "user", "content": "Is aspirin useful?"}, {"role": "assistant", "content": "Yes, it"}]
+    r = client.chat.completions.create(model="finetuned", messages=msgs, max_tokens=1, temperature=0, logprobs=True,
+                                       extra_body={"continue_final_message": True, "add_generation_prompt": False,
+                                                   "prompt_logprobs": 2})
+    model = service.resolve("finetuned")
+    tok = model.tokenizer
+    head = tok(tok.apply_chat_template(msgs[:1], add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
+    ids = head + tok("Yes, it", add_special_tokens=False)["input_ids"]
+    prompt_lps = r.model_extra["prompt_logprobs"]
+    assert len(prompt_lps) == len(ids) == r.usage.prompt_tokens and prompt_lps[0] is None
+    reference = _full_logprobs(service, "finetuned", ids)
+    for pos in range(1, len(ids)):
+        entry = prompt_lps[pos]
+        assert entry[str(ids[pos])]["logprob"] == pytest.approx(float(reference[pos - 1, ids[pos]]), abs=1e-4)
+        assert len(entry) <= 3  # the prompt's token and the top 2
+    bad = _post(url, "/v1/chat/completions", {"model": "base", "messages": msgs, "continue_final_message": True})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "add_generation_prompt"
+    bad = _post(url, "/v1/chat/completions", {"model": "base", "messages": msgs[:1], "continue_final_message": True,
+                                              "add_generation_prompt": False})
+    assert bad.status_code == 400
+
+
+def test_completions_echo_with_logprobs_scores_the_prompt(server, client):
+    url, service, _ = server
+    r = client.completions.create(model="base", prompt="The heart pumps blood", max_tokens=2, temperature=0, echo=True, logprobs=1)
+    lp = r.choices[0].logprobs
+    tok = service.resolve("base").tokenizer
+    ids = tok("The heart pumps blood")["input_ids"]
+    n = len(ids)
+    assert len(lp.tokens) == n + r.usage.completion_tokens and lp.token_logprobs[0] is None
+    assert r.choices[0].text.startswith("The heart pumps blood")
+    reference = _full_logprobs(service, "base", ids)
+    assert lp.token_logprobs[1:n] == pytest.approx([float(reference[i - 1, ids[i]]) for i in range(1, n)], abs=1e-4)
+    assert "".join(lp.tokens[:n]) == tok.decode(ids)
+    assert lp.text_offset[:2] == [0, len(lp.tokens[0])]
+    stream = _post(url, "/v1/completions", {"model": "base", "prompt": "x", "echo": True, "logprobs": 0, "stream": True})
+    assert stream.status_code == 400
+
+
+def test_metrics_scrape_and_counters_move(server, client, guard):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = server[0]
+
+    def scrape() -> dict:
+        resp = httpx.get(url + "/metrics")
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+        samples = {}
+        for family in text_string_to_metric_families(resp.text):
+            for sample in family.samples:
+                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return samples
+
+    def value(samples, name, **labels):
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    before = scrape()
+    ask(client, "finetuned", max_tokens=4)
+    list(ask(client, "base", max_tokens=3, stream=True))
+    ask(client, "base", content="FORBIDDEN topic")
+    with pytest.raises(Exception):
+        ask(client, "nope")
+    after = scrape()
+    route = "/v1/chat/completions"
+    assert value(after, "medtune_requests_total", route=route, model="finetuned", status="200") == \
+        value(before, "medtune_requests_total", route=route, model="finetuned", status="200") + 1
+    assert value(after, "medtune_requests_total", route=route, model="base", status="200") >= \
+        value(before, "medtune_requests_total", route=route, model="base", status="200") + 2
+    assert value(after, "medtune_requests_total", route=route, model="unknown", status="404") >= 1
+    assert value(after, "medtune_request_seconds_count", route=route, model="base") >= \
+        value(before, "medtune_request_seconds_count", route=route, model="base") + 2  # the stream counted at its end
+    assert value(after, "medtune_ttft_seconds_count", model="finetuned") == value(before, "medtune_ttft_seconds_count", model="finetuned") + 1
+    assert value(after, "medtune_tokens_total", model="finetuned", kind="completion") >= \
+        value(before, "medtune_tokens_total", model="finetuned", kind="completion") + 1
+    assert value(after, "medtune_guardrail_verdicts_total", stage="input", action="block", category="test", layer="") >= 1
+    assert value(after, "medtune_finetuned_info", checkpoint=server[1].finetuned.checkpoint, serving=server[1].finetuned.mode) == 1
+    assert value(after, "medtune_reloads_total", result="loaded") >= 1
+    assert ("medtune_queue_depth", ()) in after and ("medtune_requests_in_progress", ()) in after
+
+
+def test_structured_choice_constrains_the_answer_and_the_guard_still_runs(server, client, guard):
+    url = server[0]
+    for model in ("base", "finetuned"):
+        r = ask(client, model, max_tokens=8, extra_body={"structured_outputs": {"choice": ["yes", "no", "maybe"]}})
+        assert r.choices[0].message.content in ("yes", "no", "maybe") and r.choices[0].finish_reason == "stop"
+    seeded = [ask(client, "base", max_tokens=8, temperature=1.0, seed=s, extra_body={"structured_outputs": {"choice": ["Yes, it does", "No"]}})
+              .choices[0].message.content for s in (1, 2, 3, 1)]
+    assert set(seeded) <= {"Yes, it does", "No"} and seeded[0] == seeded[3]
+    guard.output_limit = 1  # output rails on a constrained answer: still cut
+    try:
+        r = ask(client, "base", max_tokens=8, extra_body={"structured_outputs": {"choice": ["maybe"]}})
+        assert r.choices[0].finish_reason == "content_filter"
+    finally:
+        guard.output_limit = None
+    # what the transformers engine cannot do is refused, OpenAI-shaped
+    msgs = [{"role": "user", "content": "x"}]
+    bad = _post(url, "/v1/chat/completions", {"model": "base", "messages": msgs,
+                                              "response_format": {"type": "json_schema", "json_schema": {"name": "d", "schema": {"type": "object"}}}})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "unsupported"
+    for structured in ({"choice": []}, {"choice": ["a"], "regex": "a"}, {"grammar": "x"}):
+        bad = _post(url, "/v1/chat/completions", {"model": "base", "messages": msgs, "structured_outputs": structured})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "structured_outputs", structured

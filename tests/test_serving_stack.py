@@ -1,7 +1,8 @@
 """The whole serving stack: `medtune serve` (Ray Serve + vLLM CPU + LoRA) on a tiny model.
 
-One server for the module, started the way an operator starts it (the console script, a
-YAML config, the API key from the environment), stopped with SIGTERM at the end.
+One server per LoRA serving mode (merged: the CPU default; adapter: the GPU default), started
+the way an operator starts it (the console script, a YAML config, the API key from the
+environment), stopped with SIGTERM at the end of each.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ pytestmark = pytest.mark.integration
 KEY = "stack-test-key"
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("stack")
+@pytest.fixture(scope="module", params=["merged", "adapter"])
+def stack(request, tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp(f"stack-{request.param}")
     storage = root / "storage"
     publish_lora_checkpoint(storage, tiny_model_dir, run_id="run-s", step=1, seed=1)
     port = free_port()
@@ -34,12 +35,14 @@ def stack(tmp_path_factory, tiny_model_dir):
         "base_model": str(tiny_model_dir), "storage": str(storage), "engine": "vllm", "port": port,
         "max_model_len": 512, "max_tokens_cap": 256, "default_max_tokens": 16, "watch_interval_s": 0.5,
         "guardrails": "none", "kv_cache_gib": 1, "max_concurrent": 8, "max_queue": 8,
+        "lora_mode": request.param, "merge_dir": str(root),
     }))
     from medtune.serving.launch import serve_process
 
     with serve_process(["--config", str(config)], log=root / "serve.log", timeout=240,
                        env={"MEDTUNE_API_KEY": KEY, "HF_HUB_OFFLINE": "1"}) as server:
-        yield {"url": server.url, "storage": storage, "proc": server.proc, "log": server.log, "model": tiny_model_dir}
+        yield {"url": server.url, "storage": storage, "proc": server.proc, "log": server.log, "model": tiny_model_dir,
+               "mode": request.param, "root": root}
 
 
 @pytest.fixture()
@@ -72,6 +75,55 @@ def test_models_chat_and_completions_through_vllm(client):
     assert [t.logprob for t in base.choices[0].logprobs.content] != [t.logprob for t in tuned.choices[0].logprobs.content]
     done = client.completions.create(model="base", prompt="The heart", max_tokens=5, temperature=0)
     assert done.usage.completion_tokens == 5
+
+
+def test_scoring_extensions_through_vllm(stack, client):
+    """/tokenize, logprob_token_ids, continue_final_message + prompt_logprobs and echo + logprobs on the real
+    engine: a decision word's logprob as the next token equals its prompt logprob once it is appended."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    yes = httpx.post(stack["url"] + "/tokenize", headers=headers, timeout=60,
+                     json={"model": "finetuned", "prompt": "Yes", "add_special_tokens": False, "return_token_strs": True}).json()
+    first = yes["tokens"][0]
+    msgs = [{"role": "user", "content": "Is aspirin useful?"}]
+    r = client.chat.completions.create(model="finetuned", messages=msgs, max_tokens=1, temperature=0, logprobs=True,
+                                       extra_body={"logprob_token_ids": [first]})
+    top = r.choices[0].logprobs.content[0].top_logprobs
+    assert [t.token for t in top] == [yes["token_strs"][0]]
+    cont = client.chat.completions.create(model="finetuned", max_tokens=1, temperature=0,
+                                          messages=[*msgs, {"role": "assistant", "content": yes["token_strs"][0]}],
+                                          extra_body={"continue_final_message": True, "add_generation_prompt": False,
+                                                      "prompt_logprobs": 0})
+    prompt_lps = cont.model_extra["prompt_logprobs"]
+    assert prompt_lps[0] is None and len(prompt_lps) == cont.usage.prompt_tokens
+    assert prompt_lps[-1][str(first)]["logprob"] == pytest.approx(top[0].logprob, abs=0.05)
+    echo = client.completions.create(model="base", prompt="The heart pumps blood", max_tokens=1, temperature=0, echo=True, logprobs=0)
+    lp = echo.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and all(v <= 0 for v in lp.token_logprobs[1:])
+    assert len(lp.tokens) == echo.usage.prompt_tokens + echo.usage.completion_tokens
+
+
+def test_structured_outputs_through_vllm(stack, client):
+    msgs = [{"role": "user", "content": "Is aspirin useful? Answer yes, no or maybe."}]
+    r = client.chat.completions.create(model="finetuned", messages=msgs, max_tokens=8, temperature=0,
+                                       extra_body={"structured_outputs": {"choice": ["yes", "no", "maybe"]}})
+    assert r.choices[0].message.content in ("yes", "no", "maybe")
+    schema = {"type": "object", "properties": {"decision": {"type": "string", "enum": ["yes", "no", "maybe"]}},
+              "required": ["decision"], "additionalProperties": False}
+    import json
+
+    r = client.chat.completions.create(model="base", messages=msgs, max_tokens=40, temperature=0,
+                                       extra_body={"structured_outputs": {"regex": r'\{"decision": "(yes|no|maybe)"\}'}})
+    assert json.loads(r.choices[0].message.content)["decision"] in ("yes", "no", "maybe")
+    # a schema: the tiny random model pads with the whitespace JSON allows, so only the start is sure within 40 tokens
+    r = client.chat.completions.create(model="base", messages=msgs, max_tokens=40, temperature=0,
+                                       response_format={"type": "json_schema", "json_schema": {"name": "decision", "schema": schema}})
+    text = r.choices[0].message.content
+    assert text.startswith('{"decision"') or text.startswith("{")
+    if r.choices[0].finish_reason == "stop":
+        assert json.loads(text)["decision"] in ("yes", "no", "maybe")
+    r = client.completions.create(model="base", prompt="A JSON object about the heart: ", max_tokens=40, temperature=0,
+                                  extra_body={"structured_outputs": {"regex": "[0-9]{3}"}})
+    assert len(r.choices[0].text) == 3 and r.choices[0].text.isdigit()
 
 
 def test_errors_keep_their_status_through_ray_serve(stack):
@@ -108,7 +160,9 @@ def test_new_checkpoint_switches_finetuned_while_a_stream_runs(stack, client):
     while "run-s/step_2" not in [m.id for m in client.models.list().data] and time.monotonic() < deadline:
         time.sleep(0.2)
     chunks = [c for c in stream]  # the old stream still ends normally
-    time.sleep(1.0)
+    deadline = time.monotonic() + 30
+    while not (fingerprints and fingerprints[-1] == "medtune:run-s/step_2") and time.monotonic() < deadline and not failures:
+        time.sleep(0.2)
     stop.set()
     worker.join(60)
     assert not failures, failures
@@ -116,6 +170,12 @@ def test_new_checkpoint_switches_finetuned_while_a_stream_runs(stack, client):
     assert {c.system_fingerprint for c in chunks} == {"medtune:run-s/step_1"}
     assert [m.id for m in client.models.list().data] == ["base", "finetuned", "run-s/step_2"]
     assert fingerprints and fingerprints[-1] == "medtune:run-s/step_2"
+    assert client.models.retrieve("finetuned").medtune["serving"] == stack["mode"]
+    if stack["mode"] == "merged":  # the retired copy is removed once its last request is done
+        deadline = time.monotonic() + 30
+        while len(list(stack["root"].glob("medtune-merged-*"))) > 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(list(stack["root"].glob("medtune-merged-*"))) == 1
 
 
 def test_corrupt_checkpoint_is_refused_and_the_old_one_keeps_serving(stack, client):
@@ -138,5 +198,6 @@ def test_sigterm_stops_the_server_cleanly(stack):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(90) == 0
     assert "medtune serve: stopping" in stack["log"].read_text()
+    assert not list(stack["root"].glob("medtune-merged-*"))  # merged copies go with the server
     with pytest.raises(httpx.ConnectError):
         httpx.get(stack["url"] + "/health", timeout=5)
