@@ -141,7 +141,7 @@ class Outcome:
     completion_tokens: int = 0
     guardrail: dict | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
-    created: float = field(default_factory=time.perf_counter)  # when the request was read
+    created: float = field(default_factory=time.perf_counter)  # when the request arrived (set by the route)
     first_token_at: float | None = None
 
 
@@ -284,11 +284,13 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        arrived = time.perf_counter()
         body = await _read_json(request, cfg.max_request_bytes)
         request.state.model_id = _model_label(service, body)
         params = _validate(CHAT_REQUEST, body)
         # The input guard (an encoder pass per message) and the tokenizer are CPU work: off the loop.
         job, stream, include_usage = await asyncio.to_thread(_held_job, service, params, _chat_job)
+        job.outcome.created = arrived  # TTFT and latency count the guard and the template too
         return await _respond(service, admission, job, stream, include_usage, chat=True)
 
     @app.post("/tokenize")
@@ -308,10 +310,12 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        arrived = time.perf_counter()
         body = await _read_json(request, cfg.max_request_bytes)
         request.state.model_id = _model_label(service, body)
         params = _validate(COMPLETION_REQUEST, body)
         job, stream, include_usage = await asyncio.to_thread(_held_job, service, params, _completion_job)
+        job.outcome.created = arrived
         return await _respond(service, admission, job, stream, include_usage, chat=False)
 
     return app
