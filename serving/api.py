@@ -3,7 +3,7 @@
 Request bodies are validated against the `openai` package's own request types (TypedDicts,
 through a pydantic TypeAdapter) and responses are built from its response models, so the
 shapes are the ones the official client expects. Extra fields the client may send are
-ignored; features this server does not have (n > 1, tools, images) are refused with 400.
+ignored; features this server does not have (tools, images, audio) are refused with 400.
 
     GET  /health                 200 when engines are loaded, 503 before (no key needed)
     GET  /metrics                Prometheus text format (serving/metrics.py)
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -59,6 +60,7 @@ CHAT_REQUEST = TypeAdapter(chat_params.CompletionCreateParamsNonStreaming | chat
 COMPLETION_REQUEST = TypeAdapter(completion_params.CompletionCreateParamsNonStreaming | completion_params.CompletionCreateParamsStreaming)
 MAX_TOP_LOGPROBS = 20
 MAX_LOGPROB_TOKEN_IDS = 64
+MAX_N = 8
 
 
 class Extensions(BaseModel):
@@ -153,6 +155,22 @@ class Job:
     outcome: Outcome = field(default_factory=Outcome)
     blocked_text: str | None = None
     echo: str = ""
+    index: int = 0  # the choice this job generates (n > 1: one job per choice)
+
+
+def choice_jobs(job: Job, n: int) -> list[Job]:
+    """One job per choice: its own request id, seed (seed + i, so `n` with `seed` repeats), output filter and counts."""
+    if n == 1:
+        return [job]
+    jobs = []
+    for i in range(n):
+        gen = None
+        if job.gen is not None:
+            seed = None if job.gen.seed is None else (job.gen.seed + i) % (1 << 63)
+            gen = dataclasses.replace(job.gen, request_id=f"{job.gen.request_id}-{i}", seed=seed)
+        outcome = Outcome(prompt_tokens=job.outcome.prompt_tokens, guardrail=job.outcome.guardrail, created=job.outcome.created)
+        jobs.append(dataclasses.replace(job, gen=gen, outcome=outcome, index=i))
+    return jobs
 
 
 def guardrail_info(stage: str, verdict: Verdict) -> dict:
@@ -288,10 +306,11 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
         body = await _read_json(request, cfg.max_request_bytes)
         request.state.model_id = _model_label(service, body)
         params = _validate(CHAT_REQUEST, body)
+        _choices(params)
         # The input guard (an encoder pass per message) and the tokenizer are CPU work: off the loop.
         job, stream, include_usage = await asyncio.to_thread(_held_job, service, params, _chat_job)
         job.outcome.created = arrived  # TTFT and latency count the guard and the template too
-        return await _respond(service, admission, job, stream, include_usage, chat=True)
+        return await _respond(service, admission, job, stream, include_usage, chat=True, n=_choices(params))
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
@@ -314,9 +333,10 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
         body = await _read_json(request, cfg.max_request_bytes)
         request.state.model_id = _model_label(service, body)
         params = _validate(COMPLETION_REQUEST, body)
+        _choices(params)
         job, stream, include_usage = await asyncio.to_thread(_held_job, service, params, _completion_job)
         job.outcome.created = arrived
-        return await _respond(service, admission, job, stream, include_usage, chat=False)
+        return await _respond(service, admission, job, stream, include_usage, chat=False, n=_choices(params))
 
     return app
 
@@ -436,8 +456,6 @@ def _structured(params: dict, ext: Extensions, engine) -> dict | None:
 
 def _sampling(service: Service, params: dict, prompt_tokens: int, request_id: str) -> dict:
     cfg = service.cfg
-    if (params.get("n") or 1) != 1:
-        raise APIError(400, "only n=1 is supported", param="n", code="unsupported")
     temperature = params.get("temperature")
     temperature = 1.0 if temperature is None else float(temperature)
     if not 0 <= temperature <= 2:
@@ -630,20 +648,38 @@ def _token_ids(ext: Extensions, logprobs: int | None, tokenizer) -> list[int] | 
     return list(ext.logprob_token_ids)
 
 
+def _choices(params: dict) -> int:
+    n = params.get("n")
+    if n is not None and not 1 <= n <= MAX_N:
+        raise APIError(400, f"n {n} is out of range [1, {MAX_N}]", param="n")
+    return n or 1
+
+
 def _include_usage(params: dict) -> bool:
     return bool((params.get("stream_options") or {}).get("include_usage"))
 
 
-async def _respond(service: Service, admission: Admission, job: Job, stream: bool, include_usage: bool, *, chat: bool):
+async def _respond(service: Service, admission: Admission, job: Job, stream: bool, include_usage: bool, *, chat: bool,
+                   n: int = 1):
     with _released_on_error(service, job.model):
         admission.admit()
     request_id = job.gen.request_id if job.gen else f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     fingerprint = f"medtune:{job.model.checkpoint or 'base'}"
+    jobs = choice_jobs(job, n)
+
+    def usage() -> CompletionUsage:
+        done = sum(j.outcome.completion_tokens for j in jobs)
+        return CompletionUsage(prompt_tokens=job.outcome.prompt_tokens, completion_tokens=done,
+                               total_tokens=job.outcome.prompt_tokens + done)
+
     if not stream:
+        async def collect(j: Job) -> list[Event]:
+            return [event async for event in run_job(service, j)]
+
         try:
-            async with admission.slots:
-                events = [event async for event in run_job(service, job)]
+            async with admission.slots:  # the n choices of one request share its slot and run together
+                results = await asyncio.gather(*(collect(j) for j in jobs))
         except EngineRequestError as err:
             raise APIError(400, f"the engine refused the request: {err}") from None
         except EngineError as err:
@@ -651,51 +687,89 @@ async def _respond(service: Service, admission: Admission, job: Job, stream: boo
         finally:
             admission.release()
             service.release(job.model)
-            _observe(service, job, chat)
-        text = job.echo + "".join(e.text for e in events)
-        finish = events[-1].finish_reason
-        lps = [lp for e in events for lp in (e.logprobs or [])]
-        usage = CompletionUsage(prompt_tokens=job.outcome.prompt_tokens, completion_tokens=job.outcome.completion_tokens,
-                                total_tokens=job.outcome.prompt_tokens + job.outcome.completion_tokens)
-        extra = {"medtune": {"guardrail": job.outcome.guardrail, "checkpoint": job.model.checkpoint}}
+            _observe(service, jobs, chat)
+        extra = {"medtune": {"guardrail": jobs[0].outcome.guardrail, "checkpoint": job.model.checkpoint}}
+        if n > 1:
+            extra["medtune"]["guardrails"] = [j.outcome.guardrail for j in jobs]
+        choices = []
+        for j, events in zip(jobs, results):
+            text = j.echo + "".join(e.text for e in events)
+            finish = events[-1].finish_reason
+            lps = [lp for e in events for lp in (e.logprobs or [])]
+            wants_lps = j.gen is not None and j.gen.logprobs is not None
+            if chat:
+                choices.append(Choice(index=j.index, message=ChatCompletionMessage(role="assistant", content=text),
+                                      finish_reason=finish, logprobs=_chat_logprobs(lps) if wants_lps else None))
+            else:
+                first = ""
+                if j.gen and j.gen.prompt_logprobs is not None:  # echo: the prompt's tokens first, the first one unscored
+                    lps = [*(j.outcome.prompt_logprobs or []), *lps]
+                    first = job.model.tokenizer.decode(j.gen.prompt_ids[:1])
+                choices.append(CompletionChoice(index=j.index, text=text, finish_reason=finish,
+                                                logprobs=_completion_logprobs(lps, first) if wants_lps else None))
         if chat:
-            choice = Choice(index=0, message=ChatCompletionMessage(role="assistant", content=text), finish_reason=finish,
-                            logprobs=_chat_logprobs(lps) if job.gen and job.gen.logprobs is not None else None)
             if job.gen and job.gen.prompt_logprobs is not None:
-                extra["prompt_logprobs"] = _vllm_prompt_logprobs(job.outcome.prompt_logprobs, job.gen.prompt_ids)
-            body = ChatCompletion(id=request_id, object="chat.completion", created=created, model=job.model_id, choices=[choice],
-                                  usage=usage, system_fingerprint=fingerprint, **extra)
+                extra["prompt_logprobs"] = _vllm_prompt_logprobs(jobs[0].outcome.prompt_logprobs, job.gen.prompt_ids)
+            body = ChatCompletion(id=request_id, object="chat.completion", created=created, model=job.model_id, choices=choices,
+                                  usage=usage(), system_fingerprint=fingerprint, **extra)
         else:
-            first = ""
-            if job.gen and job.gen.prompt_logprobs is not None:  # echo: the prompt's tokens first, the first one unscored
-                lps = [*(job.outcome.prompt_logprobs or []), *lps]
-                first = job.model.tokenizer.decode(job.gen.prompt_ids[:1])
-            choice = CompletionChoice(index=0, text=text, finish_reason=finish,
-                                      logprobs=_completion_logprobs(lps, first) if job.gen and job.gen.logprobs is not None else None)
-            body = Completion(id=request_id, object="text_completion", created=created, model=job.model_id, choices=[choice],
-                              usage=usage, system_fingerprint=fingerprint, **extra)
+            body = Completion(id=request_id, object="text_completion", created=created, model=job.model_id, choices=choices,
+                              usage=usage(), system_fingerprint=fingerprint, **extra)
         return JSONResponse(body.model_dump(exclude_none=False))
+
+    async def events() -> AsyncIterator[tuple[Job, Event]]:
+        """The choices' events as they come, interleaved (one job: in order)."""
+        if n == 1:
+            async for event in run_job(service, job):
+                yield job, event
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(j: Job) -> None:
+            try:
+                async for event in run_job(service, j):
+                    await queue.put((j, event))
+            except BaseException as err:  # noqa: BLE001 - handed to the consumer
+                await queue.put(err)
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(j)) for j in jobs]
+        try:
+            left = len(tasks)
+            while left:
+                item = await queue.get()
+                if item is None:
+                    left -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def sse() -> AsyncIterator[str]:
         try:
             async with admission.slots:
-                first = True
+                started = set()
                 if job.echo and not chat:
-                    yield _sse(_completion_chunk(request_id, created, job, job.echo, None, None, fingerprint))
-                async for event in run_job(service, job):
-                    if chat:
-                        chunk = _chat_chunk(request_id, created, job, event, first, fingerprint)
-                    else:
-                        chunk = _completion_chunk(request_id, created, job, event.text, event.finish_reason,
-                                                  event.logprobs, fingerprint)
-                    first = False
-                    yield _sse(chunk)
+                    for j in jobs:
+                        yield _sse(_completion_chunk(request_id, created, j, j.echo, None, None, fingerprint))
+                async with contextlib.aclosing(events()) as stream_events:
+                    async for j, event in stream_events:
+                        if chat:
+                            chunk = _chat_chunk(request_id, created, j, event, j.index not in started, fingerprint)
+                        else:
+                            chunk = _completion_chunk(request_id, created, j, event.text, event.finish_reason,
+                                                      event.logprobs, fingerprint)
+                        started.add(j.index)
+                        yield _sse(chunk)
                 if include_usage:
-                    usage = CompletionUsage(prompt_tokens=job.outcome.prompt_tokens, completion_tokens=job.outcome.completion_tokens,
-                                            total_tokens=job.outcome.prompt_tokens + job.outcome.completion_tokens)
                     cls = ChatCompletionChunk if chat else Completion
                     kind = "chat.completion.chunk" if chat else "text_completion"
-                    yield _sse(cls(id=request_id, object=kind, created=created, model=job.model_id, choices=[], usage=usage,
+                    yield _sse(cls(id=request_id, object=kind, created=created, model=job.model_id, choices=[], usage=usage(),
                                    system_fingerprint=fingerprint))
                 yield "data: [DONE]\n\n"
         except EngineError as err:
@@ -703,21 +777,24 @@ async def _respond(service: Service, admission: Admission, job: Job, stream: boo
         finally:
             admission.release()
             service.release(job.model)
-            _observe(service, job, chat, stream=True)
+            _observe(service, jobs, chat, stream=True)
 
     return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
 
 
-def _observe(service: Service, job: Job, chat: bool, stream: bool = False) -> None:
-    m, o, now = service.metrics, job.outcome, time.perf_counter()
+def _observe(service: Service, jobs: list[Job], chat: bool, stream: bool = False) -> None:
+    m, now = service.metrics, time.perf_counter()
+    job, o = jobs[0], jobs[0].outcome
     if stream:  # a stream's latency to its last byte (the middleware saw only the headers)
         m.latency.labels("/v1/chat/completions" if chat else "/v1/completions", job.model_id).observe(now - o.created)
+    done = sum(j.outcome.completion_tokens for j in jobs)
     m.tokens.labels(job.model_id, "prompt").inc(o.prompt_tokens)
-    m.tokens.labels(job.model_id, "completion").inc(o.completion_tokens)
-    if o.first_token_at is not None:
-        m.ttft.labels(job.model_id).observe(o.first_token_at - o.created)
-        if o.completion_tokens > 1 and now > o.created:
-            m.tokens_per_s.labels(job.model_id).observe(o.completion_tokens / (now - o.created))
+    m.tokens.labels(job.model_id, "completion").inc(done)
+    firsts = [j.outcome.first_token_at for j in jobs if j.outcome.first_token_at is not None]
+    if firsts:
+        m.ttft.labels(job.model_id).observe(min(firsts) - o.created)
+        if done > 1 and now > o.created:
+            m.tokens_per_s.labels(job.model_id).observe(done / (now - o.created))
 
 
 def _sse(chunk) -> str:
@@ -734,14 +811,14 @@ def _chat_chunk(request_id, created, job: Job, event: Event, first: bool, finger
     extra = {}
     if event.finish_reason:
         extra["medtune"] = {"guardrail": job.outcome.guardrail, "checkpoint": job.model.checkpoint}
-    choice = ChunkChoice(index=0, delta=delta, finish_reason=event.finish_reason, logprobs=logprobs)
+    choice = ChunkChoice(index=job.index, delta=delta, finish_reason=event.finish_reason, logprobs=logprobs)
     return ChatCompletionChunk(id=request_id, object="chat.completion.chunk", created=created, model=job.model_id,
                                choices=[choice], system_fingerprint=fingerprint, **extra)
 
 
 def _completion_chunk(request_id, created, job: Job, text: str, finish: str | None, lps, fingerprint: str) -> Completion:
     # The openai type requires finish_reason; mid-stream it is null on the wire, as OpenAI sends it.
-    choice = CompletionChoice.model_construct(index=0, text=text, finish_reason=finish,
+    choice = CompletionChoice.model_construct(index=job.index, text=text, finish_reason=finish,
                                               logprobs=_completion_logprobs(lps) if lps else None)
     extra = {"medtune": {"guardrail": job.outcome.guardrail, "checkpoint": job.model.checkpoint}} if finish else {}
     return Completion(id=request_id, object="text_completion", created=created, model=job.model_id, choices=[choice],

@@ -171,7 +171,8 @@ def test_stop_sequence_ends_the_answer(client):
         ({"model": "base", "messages": [{"role": "wizard", "content": "x"}]}, 400, None),
         ({"model": "base", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "temperature"),
         ({"model": "base", "messages": [{"role": "user", "content": "x"}], "temperature": 3}, 400, "temperature"),
-        ({"model": "base", "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
+        ({"model": "base", "messages": [{"role": "user", "content": "x"}], "n": 9}, 400, "n"),
+        ({"model": "base", "messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n"),
         ({"model": "base", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
         ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
         ({"model": "base", "messages": [{"role": "user", "content": "x"}], "max_tokens": 65}, 413, "max_tokens"),
@@ -204,7 +205,7 @@ def test_openai_client_raises_typed_errors(client):
     with pytest.raises(openai.NotFoundError):
         ask(client, "nope")
     with pytest.raises(openai.BadRequestError):
-        ask(client, "base", n=3)
+        ask(client, "base", n=9)
 
 
 def test_input_guard_blocks_with_content_filter(client, guard):
@@ -503,3 +504,38 @@ def test_structured_choice_constrains_the_answer_and_the_guard_still_runs(server
     for structured in ({"choice": []}, {"choice": ["a"], "regex": "a"}, {"grammar": "x"}):
         bad = _post(url, "/v1/chat/completions", {"model": "base", "messages": msgs, "structured_outputs": structured})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "structured_outputs", structured
+
+
+def test_n_choices_with_seed_repeat_and_stream_like_the_whole(client, guard):
+    kw = dict(max_tokens=6, temperature=1.0, seed=11, n=3)
+    first = ask(client, "finetuned", **kw)
+    again = ask(client, "finetuned", **kw)
+    texts = [c.message.content for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert texts == [c.message.content for c in again.choices]  # seed + i per choice: the whole response repeats
+    assert len(set(texts)) > 1  # and the choices are different samples
+    assert first.usage.completion_tokens >= 3  # one usage for the request: every choice's tokens
+    chunks = list(ask(client, "finetuned", stream=True, stream_options={"include_usage": True}, **kw))
+    streamed = {}
+    for c in chunks:
+        for ch in c.choices:
+            streamed[ch.index] = streamed.get(ch.index, "") + (ch.delta.content or "")
+    assert [streamed[i] for i in range(3)] == texts
+    assert chunks[-1].usage.completion_tokens == first.usage.completion_tokens
+    finishes = [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason]
+    assert len(finishes) == 3
+    single = ask(client, "finetuned", max_tokens=6, temperature=1.0, seed=11)
+    assert single.choices[0].message.content == texts[0]  # choice 0 is the request with n=1
+    completions = client.completions.create(model="base", prompt="The heart", max_tokens=4, temperature=1.0, seed=5, n=2)
+    assert [c.index for c in completions.choices] == [0, 1]
+
+
+def test_n_choices_each_pass_the_guards(client, guard):
+    blocked = ask(client, "base", content="FORBIDDEN", n=2)
+    assert [c.finish_reason for c in blocked.choices] == ["content_filter", "content_filter"]
+    guard.output_limit = 2
+    try:
+        cut = ask(client, "base", max_tokens=12, temperature=1.0, seed=3, n=2)
+        assert [c.finish_reason for c in cut.choices] == ["content_filter", "content_filter"]
+    finally:
+        guard.output_limit = None

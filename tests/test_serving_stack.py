@@ -126,6 +126,14 @@ def test_structured_outputs_through_vllm(stack, client):
     assert len(r.choices[0].text) == 3 and r.choices[0].text.isdigit()
 
 
+def test_n_choices_with_seed_through_vllm(client):
+    msgs = [{"role": "user", "content": "Name a heart medicine."}]
+    kw = dict(model="finetuned", messages=msgs, max_tokens=8, temperature=1.0, seed=7, n=3)
+    first, again = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
+
+
 def test_errors_keep_their_status_through_ray_serve(stack):
     headers = {"Authorization": f"Bearer {KEY}"}
     url = stack["url"] + "/v1/chat/completions"
