@@ -210,16 +210,10 @@ class HttpBackend:
 
     def _exact_likelihood(self, model: str, messages: list[dict], variants) -> Likelihood:
         firsts = sorted({ids[0] for vs in variants.values() for ids, _ in vs if ids})
-        resp, note = self._call(model, messages, max_tokens=1, logprobs=True, extra_body={"logprob_token_ids": firsts})
-        if resp is None:
+        position, note = self._first_position(model, messages, extra_body={"logprob_token_ids": firsts})
+        if position is None:
             return Likelihood(None, note)
-        choice = resp.choices[0]
-        if choice.finish_reason == "content_filter":
-            return Likelihood(None, "blocked")
-        content = choice.logprobs.content if choice.logprobs else None
-        if not content:
-            return Likelihood(None, "no logprobs in the response")
-        first = {t.token: t.logprob for t in content[0].top_logprobs}
+        first = {t.token: t.logprob for t in position.top_logprobs}
         scores = {}
         for label, forms in variants.items():
             total = []
@@ -258,17 +252,23 @@ class HttpBackend:
                 total += entry[str(token_id)]["logprob"]
         return total, None
 
-    def _top_k_likelihood(self, model: str, messages: list[dict]) -> Likelihood:
-        resp, note = self._call(model, messages, max_tokens=1, logprobs=True, top_logprobs=TOP_LOGPROBS)
+    def _first_position(self, model: str, messages: list[dict], **params):
+        """The logprobs of the answer's first position (one greedy token), or None and why not."""
+        resp, note = self._call(model, messages, max_tokens=1, logprobs=True, **params)
         if resp is None:
-            return Likelihood(None, note)
+            return None, note
         choice = resp.choices[0]
         if choice.finish_reason == "content_filter":
-            return Likelihood(None, "blocked")
+            return None, "blocked"
         content = choice.logprobs.content if choice.logprobs else None
         if not content:
-            return Likelihood(None, "no logprobs in the response")
-        first = content[0]
+            return None, "no logprobs in the response"
+        return content[0], None
+
+    def _top_k_likelihood(self, model: str, messages: list[dict]) -> Likelihood:
+        first, note = self._first_position(model, messages, top_logprobs=TOP_LOGPROBS)
+        if first is None:
+            return Likelihood(None, note)
         # The chosen token is among its own top_logprobs; use it alone only when the list is empty.
         top = [(t.token, t.logprob) for t in first.top_logprobs] or [(first.token, first.logprob)]
         scores = option_logprobs_from_top(top)
