@@ -258,17 +258,15 @@ class HFEngine(Engine):
                 logits = result.logits[0, -1].float()
                 logprobs_all = torch.log_softmax(logits, dim=-1)
                 if choices is not None:  # only tokens that continue some choice
-                    allowed = {c[len(out_ids)] for c in choices if len(c) > len(out_ids) and c[:len(out_ids)] == out_ids}
                     mask = torch.full_like(logits, float("-inf"))
-                    mask[list(allowed)] = 0.0
+                    mask[list({c[len(out_ids)] for c in _continuing(choices, out_ids)})] = 0.0
                     logits = logits + mask
                 token = self._sample(logits, request, generator)
                 out_ids.append(token)
                 finish = None
                 if token in eos:
                     finish = "stop"
-                elif choices is not None and out_ids in choices and not any(len(c) > len(out_ids) and c[:len(out_ids)] == out_ids
-                                                                           for c in choices):
+                elif choices is not None and out_ids in choices and not _continuing(choices, out_ids):
                     finish = "stop"  # a whole choice, and no longer one it could still become
                 text = tok.decode(out_ids, skip_special_tokens=True)
                 if text.endswith("\ufffd") and finish is None:
@@ -285,13 +283,7 @@ class HFEngine(Engine):
                     finish = "length"
                 lp = None
                 if request.logprobs is not None:
-                    top_ids = []
-                    if request.logprob_token_ids:
-                        top_ids = list(request.logprob_token_ids)
-                    elif request.logprobs > 0:
-                        top_ids = [int(i) for i in torch.topk(logprobs_all, request.logprobs).indices]
-                    top = tuple((tok.decode([t]), float(logprobs_all[t])) for t in top_ids)
-                    lp = [TokenLogprob(tok.decode([token]), float(logprobs_all[token]), top, token, tuple(top_ids))]
+                    lp = [self._token_logprob(logprobs_all, token, request.logprobs, request.logprob_token_ids)]
                 sent_text += new_text
                 emit(Delta(new_text, [token], lp, finish, prompt_lps))
                 if finish:
@@ -302,14 +294,17 @@ class HFEngine(Engine):
         """Each prompt token's logprob given the ones before it (row i of `logits` predicts token i + 1)."""
         import torch
 
-        tok = self.tokenizer
         logprobs = torch.log_softmax(logits, dim=-1)
-        out: list[TokenLogprob | None] = [None]
-        for row, token in enumerate(prompt_ids[1:]):
-            top_ids = tuple(int(i) for i in torch.topk(logprobs[row], k).indices) if k > 0 else ()
-            top = tuple((tok.decode([t]), float(logprobs[row, t])) for t in top_ids)
-            out.append(TokenLogprob(tok.decode([token]), float(logprobs[row, token]), top, token, top_ids))
-        return out
+        return [None, *(self._token_logprob(logprobs[row], token, k) for row, token in enumerate(prompt_ids[1:]))]
+
+    def _token_logprob(self, logprobs, token: int, k: int, token_ids: list[int] | None = None) -> TokenLogprob:
+        """One position: the token's logprob and the top k (or the asked-for ids, in order)."""
+        import torch
+
+        tok = self.tokenizer
+        top_ids = list(token_ids) if token_ids else [int(i) for i in torch.topk(logprobs, k).indices] if k > 0 else []
+        top = tuple((tok.decode([t]), float(logprobs[t])) for t in top_ids)
+        return TokenLogprob(tok.decode([token]), float(logprobs[token]), top, token, tuple(top_ids))
 
     @staticmethod
     def _sample(logits, request: GenRequest, generator) -> int:
@@ -324,6 +319,11 @@ class HFEngine(Engine):
             sorted_probs = sorted_probs * keep
             probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
         return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+
+
+def _continuing(choices: list[list[int]], out_ids: list[int]) -> list[list[int]]:
+    """The choices that `out_ids` is a proper prefix of."""
+    return [c for c in choices if len(c) > len(out_ids) and c[:len(out_ids)] == out_ids]
 
 
 def model_vocab_size(model_path: str | Path) -> int | None:

@@ -124,8 +124,7 @@ class Service:
         for model in (self.finetuned, self.base):
             if model is not None and model.owns_engine:
                 await model.engine.shutdown()
-            if model is not None:
-                merge.remove(model.workdir)
+        self.remove_files()
 
     def remove_files(self) -> None:
         """Remove the merged copies this service wrote (safe to call more than once)."""

@@ -82,16 +82,13 @@ class VLLMEngine(Engine):
             log.debug("remove_lora(%s): %s", adapter.int_id, err)
 
     async def generate(self, request: GenRequest) -> AsyncIterator[Delta]:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
-
         lora = None
         if request.adapter is not None:
             lora = self._lora_requests.get(request.adapter.name)
             if lora is None:
                 raise EngineError(f"adapter {request.adapter.name} is not loaded")
         try:
-            params = self._params(request, SamplingParams, RequestOutputKind, StructuredOutputsParams)
+            params = _sampling_params(request)
         except ValueError as err:  # vLLM's validation errors (VLLMValidationError) are ValueErrors
             raise EngineRequestError(str(err)) from None
         stream = self.engine.generate({"prompt_token_ids": request.prompt_ids}, params, request.request_id, lora_request=lora)
@@ -115,22 +112,6 @@ class VLLMEngine(Engine):
                 raise EngineRequestError(str(err)) from None
             raise
 
-    @staticmethod
-    def _params(request: GenRequest, SamplingParams, RequestOutputKind, StructuredOutputsParams):
-        return SamplingParams(
-            n=1,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            max_tokens=request.max_tokens,
-            stop=request.stop or None,
-            seed=request.seed,
-            logprobs=None if request.logprob_token_ids else request.logprobs,
-            logprob_token_ids=request.logprob_token_ids if request.logprobs is not None and request.logprob_token_ids else None,
-            prompt_logprobs=request.prompt_logprobs,
-            structured_outputs=StructuredOutputsParams(**request.structured) if request.structured else None,
-            output_kind=RequestOutputKind.DELTA,
-        )
-
     def stats(self) -> dict:
         return {"running": self.engine.get_num_unfinished_requests() if self.engine is not None else 0}
 
@@ -138,6 +119,25 @@ class VLLMEngine(Engine):
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
+
+
+def _sampling_params(request: GenRequest):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    return SamplingParams(
+        n=1,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        max_tokens=request.max_tokens,
+        stop=request.stop or None,
+        seed=request.seed,
+        logprobs=None if request.logprob_token_ids else request.logprobs,
+        logprob_token_ids=request.logprob_token_ids if request.logprobs is not None and request.logprob_token_ids else None,
+        prompt_logprobs=request.prompt_logprobs,
+        structured_outputs=StructuredOutputsParams(**request.structured) if request.structured else None,
+        output_kind=RequestOutputKind.DELTA,
+    )
 
 
 def _logprobs(choice, k: int | None, token_ids: list[int] | None = None) -> list[TokenLogprob] | None:
